@@ -1,0 +1,1 @@
+"""Persistence: orbax checkpoints and the PyTorch (reference) weight mapping."""

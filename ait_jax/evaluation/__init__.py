@@ -1,0 +1,1 @@
+"""Task evaluators: NYU depth metrics, COCO box/mask AP."""

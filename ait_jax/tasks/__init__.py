@@ -1,0 +1,1 @@
+"""One module per task: vocabulary slice, sequences, losses, decoding, post-processing."""
