@@ -6,14 +6,20 @@ loaded with its stored weights through the weight mapping, and every stored outp
 compared. Run with `-s` to see the largest difference of each array.
 """
 
+import json
+import math
 import re
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ait_jax.checkpoint import mapping
+from ait_jax.checkpoint.ait import ait_entries, ait_from_reference_config
 from ait_jax.checkpoint.transformer import (SINE_TABLE_ATOL, transformer_entries,
                                             transformer_from_reference_kwargs)
 from ait_jax.checkpoint.swin_v2 import swin_v2_entries, swin_v2_from_reference_kwargs
@@ -25,7 +31,7 @@ from ait_jax.models.vocab import Vocab
 from ait_jax.models.vqvae import VQVAE
 from ait_jax.tasks import depth as depth_task
 from ait_jax.tasks import insseg as insseg_task
-from tests.fixture_io import Fixture, assert_close, kind_fixtures
+from tests.fixture_io import Fixture, assert_close, fixtures_dir, kind_fixtures
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -282,3 +288,70 @@ def test_fixture(fx: Fixture):
     pytest.skip(f"fixture kind {fx.kind!r}: {NOT_YET[fx.kind]}")
   assert fx.kind in CHECKS, f"{fx.config_path}: unknown fixture_kind {fx.kind!r}"
   CHECKS[fx.kind](fx)
+
+
+# --- manifests: the state_dict layout of the full-size reference models ----------------
+
+def _manifests() -> list:
+  return sorted(fixtures_dir().glob("manifest_*.json"))
+
+
+def _abstract_variables(module, *args, **kwargs):
+  boxed = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
+  return nn.meta.unbox(boxed)
+
+
+def _num_params(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _reference_modules(manifest: dict):
+  """(entries, {name: abstract variables}, trainable count) of a manifest's model."""
+  if "model_cfg" in manifest:
+    ref = ait_from_reference_config(manifest["model_cfg"])
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    seq = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    task = jax.ShapeDtypeStruct((1,), jnp.int32)
+    trees = {"model": _abstract_variables(ref.model, images, seq, task)}
+    for task, tok in ref.tokenizers.items():
+      maps = jax.ShapeDtypeStruct((1, tok.mask_size, tok.mask_size), jnp.float32)
+      trees[task] = _abstract_variables(tok, maps)
+    return ait_entries(ref), trees, _num_params(trees["model"]["params"])
+  tok = vqvae_from_reference_kwargs(manifest["kwargs"], "ait")
+  maps = jax.ShapeDtypeStruct((1, tok.mask_size, tok.mask_size), jnp.float32)
+  return vqvae_entries(tok), {"tokenizer": _abstract_variables(tok, maps)}, 0
+
+
+@pytest.mark.parametrize("path", _manifests(), ids=lambda p: p.stem)
+def test_manifest(path):
+  """Full-size models: parameter counts, and a state_dict of the manifest's keys and shapes
+  goes to Flax and back unchanged (params zero, derived buffers as the config gives)."""
+  manifest = json.loads(path.read_text())
+  entries, trees, trainable = _reference_modules(manifest)
+  assert trainable == manifest["num_trainable_parameters"]
+  assert sum(_num_params(t["params"]) for t in trees.values()) == \
+      manifest["num_parameters_unique"]
+  layout = {k: tuple(v["shape"]) for k, v in manifest["state_dict"].items()}
+  assert [e.torch_key for e in entries] == list(layout), "key order"
+  for name, tree in trees.items():
+    root = () if "model_cfg" not in manifest else (("model",) if name == "model"
+                                                   else ("tokenizers", name))
+    scoped = [dataclasses.replace(e, flax_path=e.flax_path[len(root):]) for e in entries
+              if isinstance(e, mapping.Param) and e.flax_path[:len(root)] == root]
+    mapping.check_covers(scoped, tree, collections=("params", "vq"))
+
+  derived = {e.torch_key: np.asarray(e.value) for e in entries
+             if isinstance(e, mapping.Buffer)}
+  zeros = {k: derived.get(k, np.zeros(shape, np.float32)) for k, shape in layout.items()}
+  back = mapping.to_torch(mapping.to_flax(zeros, entries, source=path.name), entries)
+  assert {k: v.shape for k, v in back.items()} == layout
+  assert list(back) == list(layout)
+  assert all(not np.any(back[k]) for k in layout if k not in derived)
+
+  # Derived buffers are checked, not trusted: zeros in their place are reported.
+  nonzero = sorted(k for k, v in derived.items() if np.any(v))
+  if not nonzero:
+    return
+  with pytest.raises(mapping.StateDictMismatch) as err:
+    mapping.to_flax({**zeros, **{k: np.zeros_like(derived[k]) for k in nonzero}}, entries)
+  assert sorted(k for k, _ in err.value.value) == nonzero

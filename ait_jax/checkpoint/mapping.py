@@ -118,12 +118,17 @@ class StateDictMismatch(ValueError):
 
 
 def prefixed(entries: Iterable[Entry], torch_prefix: str,
-             flax_scope: Sequence[str] = ()) -> list[Entry]:
-  """Entries of a submodule placed under `torch_prefix` and Flax scope `flax_scope`."""
+             flax_scope: Sequence[str] = (), flax_root: Sequence[str] = ()) -> list[Entry]:
+  """Entries of a submodule placed under `torch_prefix`.
+
+  On the Flax side the submodule's variables move to scope `flax_scope` inside each
+  collection, and the whole tree under the keys `flax_root`:
+  `(*flax_root, collection, *flax_scope, ...)`.
+  """
   out = []
   for e in entries:
     if isinstance(e, Param):
-      path = (e.flax_path[0], *flax_scope, *e.flax_path[1:])
+      path = (*flax_root, e.flax_path[0], *flax_scope, *e.flax_path[1:])
       out.append(dataclasses.replace(e, torch_key=torch_prefix + e.torch_key,
                                      flax_path=path))
     else:
