@@ -10,6 +10,7 @@ import pytest
 
 from ait_jax.checkpoint import mapping
 from ait_jax.checkpoint.ait import ait_entries, ait_from_reference_config
+from ait_jax.models import axes
 from ait_jax.models.transformer import DEPTH_TASK, INSSEG_TASK
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -104,3 +105,21 @@ def test_config_errors_name_the_problem():
     ait_from_reference_config(cfg)
   with pytest.raises(ValueError, match="unknown AiT options: bogus"):
     ait_from_reference_config({**TINY, "bogus": 1})
+
+
+def test_every_variable_has_logical_axis_names(tiny):
+  """Every parameter and codebook buffer is boxed with one known name per dimension."""
+  ref, _, images, seq, task = tiny
+  trees = {"model": jax.eval_shape(lambda *a: ref.model.init(jax.random.key(0), *a),
+                                   images, seq, task)}
+  for t, tok in ref.tokenizers.items():
+    trees[t] = jax.eval_shape(lambda x, tok=tok: tok.init(jax.random.key(0), x),
+                              jnp.zeros((1, 32, 32)))
+  leaves = jax.tree_util.tree_leaves_with_path(
+      trees, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert len(leaves) > 50
+  for path, leaf in leaves:
+    name = jax.tree_util.keystr(path)
+    assert isinstance(leaf, nn.Partitioned), f"{name} carries no logical axis names"
+    assert len(leaf.names) == leaf.value.ndim, f"{name}: {leaf.names} for {leaf.value.shape}"
+    assert set(leaf.names) <= axes.ALL, f"{name}: unknown names {leaf.names}"
