@@ -10,7 +10,7 @@ transforms drop them, as mmdet's training pipeline does).
 `CocoMaskSource` is the instance-mask tokenizer's data (the reference's
 preprocessed "maskcoco"), made on the fly: each non-crowd annotation's mask,
 cropped to its box and resized to `mask_size` the way the reference head makes
-its targets (`masks.crop_and_resize`).
+its targets (`ait_jax.tasks.masks.crop_masks`).
 
 The COCO index is loaded once per process (workers reload it from the JSON
 rather than receive a pickled copy).
@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from input_pipeline import image_io
+from ait_jax.tasks.masks import crop_masks
 from input_pipeline import masks as masks_lib
 from input_pipeline.errors import DataError
 
@@ -190,7 +191,7 @@ class CocoMaskSource(_CocoBase):
                                      where)
     x, y, w, h = ann["bbox"]
     box = np.array([x, y, x + w, y + h], np.float32)
-    crop = masks_lib.crop_and_resize(mask[None], box[None], self.mask_size)[0]
+    crop = crop_masks(mask[None], box[None], self.mask_size)[0]
     return {"mask": crop, "box": box, "image_id": np.int64(ann["image_id"]),
             "ann_id": np.int64(ann["id"]), "_origin": where}
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from input_pipeline import masks as masks_lib
+from ait_jax.tasks.masks import crop_masks
 from input_pipeline import resize
 from input_pipeline.transforms_common import DropKeys
 from input_pipeline.transforms_common import Record
@@ -170,7 +170,7 @@ class Pad(grain.transforms.Map):
 
 
 class MaskCrops(grain.transforms.Map):
-  """Target masks of the reference head: `crop_and_resize` of each mask in its box.
+  """Target masks of the reference head: `crop_masks` of each mask in its box.
 
   InsSegHead.get_seq crops the padded masks with the final boxes (roi_align,
   aligned, >= 0.5) to `mask_size` (64 in the configs). Run after `Pad`.
@@ -180,7 +180,7 @@ class MaskCrops(grain.transforms.Map):
     self.size = size
 
   def map(self, record: Record) -> Record:
-    crops = masks_lib.crop_and_resize(record["masks"], record["boxes"],
+    crops = crop_masks(record["masks"], record["boxes"],
                                       self.size)
     return {**record, "mask_crops": crops}
 
