@@ -26,11 +26,16 @@ from ait_jax.checkpoint.swin_v2 import swin_v2_entries, swin_v2_from_reference_k
 from ait_jax.checkpoint.vqvae import vqvae_entries, vqvae_from_reference_kwargs
 from ait_jax.evaluation import depth_metrics
 from ait_jax.models import decoding
-from ait_jax.models.transformer import DET_TASK
+from ait_jax.models.transformer import DEPTH_TASK, DET_TASK
+from ait_jax.models.ait import AiT
+from ait_jax.models.swin_v2 import swin_v2_base, swin_v2_large
 from ait_jax.models.vocab import Vocab
 from ait_jax.models.vqvae import VQVAE
+from ait_jax.tasks import boxes as boxes_lib
 from ait_jax.tasks import depth as depth_task
-from ait_jax.tasks import insseg as insseg_task
+from ait_jax.tasks import detection
+from ait_jax.tasks import insseg
+from ait_jax.tasks import masks as masks_lib
 from tests.fixture_io import Fixture, assert_close, fixtures_dir, kind_fixtures
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -63,9 +68,23 @@ def _as_reference_layout(got: np.ndarray, want: np.ndarray) -> np.ndarray:
   return got.reshape(want.shape)
 
 
+def _assert_exports_back(state_dict: dict, variables, entries, atol: dict | None = None):
+  """Export gives the reference file back: its keys in order, dtypes and values (derived
+  buffers recomputed, within their own tolerance)."""
+  back = mapping.to_torch(variables, entries)
+  assert list(back) == list(state_dict), "state_dict key order"
+  for key, want in state_dict.items():
+    assert back[key].dtype == want.dtype, f"{key}: {back[key].dtype} != {want.dtype}"
+    np.testing.assert_allclose(back[key], want, rtol=0, atol=(atol or {}).get(key, 0),
+                               err_msg=key)
+
+
 def check_swin_v2(fx: Fixture):
   model = swin_v2_from_reference_kwargs(fx.config["kwargs"])
-  variables = mapping.to_flax(fx.state_dict, swin_v2_entries(model), source=fx.name)
+  entries = swin_v2_entries(model)
+  variables = mapping.to_flax(fx.state_dict, entries, source=fx.name)
+  _assert_exports_back(fx.state_dict, variables, entries,
+                       {e.torch_key: e.atol for e in entries if isinstance(e, mapping.Buffer)})
   io = fx.io
   images = io["input"].transpose(0, 2, 3, 1)
   outs, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
@@ -88,8 +107,9 @@ def check_swin_v2(fx: Fixture):
 def _load_vqvae(fx: Fixture, kind: str):
   module = vqvae_from_reference_kwargs(fx.config["kwargs"], kind)
   entries = vqvae_entries(module)
-  assert [e.torch_key for e in entries] == list(fx.state_dict), "state_dict key order"
-  return module, entries, mapping.to_flax(fx.state_dict, entries, source=fx.name)
+  variables = mapping.to_flax(fx.state_dict, entries, source=fx.name)
+  _assert_exports_back(fx.state_dict, variables, entries)
+  return module, entries, variables
 
 
 def _codes_last(logits_nkhw: np.ndarray) -> np.ndarray:
@@ -229,7 +249,7 @@ def check_vocab(fx: Fixture):
       assert ref["depth_head"]["depth_token_offset"] == vocab.depth_offset, name
     if "insseg_head" in ref:
       head = ref["insseg_head"]
-      weights = insseg_task.token_class_weights(
+      weights = insseg.token_class_weights(
           vocab, box_weight=head["box_weight"], cls_weight=head["cls_weight"],
           mask_weight=head["mask_weight"])
       want = np.ones_like(weights)
@@ -237,6 +257,404 @@ def check_vocab(fx: Fixture):
         want[start:stop] = w
       assert_close(f"{name}.insseg_head.loss_seq.weight", weights, want)
       assert head["mask_offset"] == vocab.mask_offset, name
+
+
+# --- det_head, insseg_head -----------------------------------------------------------
+
+# Pixels whose paste probability is this close to 0.5 may threshold either way.
+PASTE_MARGIN = 1e-4
+UNCHECKED = {"debug.test.transformer_mask"}
+
+
+class _Checked(dict):
+  """The io arrays, remembering which were read."""
+
+  def __init__(self, io):
+    super().__init__(io)
+    self.read = set()
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
+
+  def assert_all_read(self, name):
+    left = set(self) - self.read - UNCHECKED
+    assert not left, f"{name}: arrays without a check: {sorted(left)}"
+
+
+def _vocab(cfg: dict) -> Vocab:
+  """The fixture's vocabulary (depth codes play no part in these heads)."""
+  v = cfg["vocab"]
+  vocab = Vocab(num_bins=v["num_bins"], num_classes=v["num_classes"],
+                num_mask_codes=v.get("num_embeddings", 0), num_depth_codes=0,
+                size=v["num_vocal"])
+  for key in ("class_offset", "special_offset", "noise_label", "mask_offset"):
+    if key in v:
+      assert getattr(vocab, key) == v[key], key
+  return vocab
+
+
+def _gt(io, b: int):
+  boxes = [io[f"gt.img{i}.bboxes"] for i in range(b)]
+  labels = [io[f"gt.img{i}.labels"] for i in range(b)]
+  return boxes, labels
+
+
+def _num_images(io) -> int:
+  return len(io["gt.img_shapes"])
+
+
+def _draws(io, prefix: str, b: int) -> detection.SequenceDraws:
+  return detection.SequenceDraws(
+      perms=tuple(io[f"{prefix}.perm.img{i}"] for i in range(b)),
+      randint=io[f"{prefix}.corrupt.randint"], rand=io[f"{prefix}.corrupt.rand"])
+
+
+def _check_loss(name, got: dict, io, keys):
+  for k in keys:
+    assert_close(f"{name}.{k}", got[k], io[f"{name}.{k}"], rtol=LOSS_RTOL)
+
+
+def _in_given_order(task, boxes, labels, img_shapes) -> np.ndarray:
+  """build_input_seq: each image's objects in the given order, zero-padded (mask
+  slots 0)."""
+  rows = [detection.object_rows(
+      detection.order_objects(bx, hw, np.arange(len(bx)), num_query=task.num_query,
+                              seq_aug=False, rng=None),
+      lab, task.vocab, task.layout, task.norm_val)
+          for bx, lab, hw in zip(boxes, labels, img_shapes[:, :2])]
+  return detection.pad_objects(rows, max(len(x) for x in labels))
+
+
+def _check_pred_len(task, cfg):
+  called = cfg["test"]["transformer_called_with"]
+  assert called["pred_len"] == task.num_query * task.layout.length
+
+
+# --- det_head --------------------------------------------------------------------------
+
+def check_det_head(fx: Fixture):
+  cfg, io = fx.config, _Checked(fx.io)
+  task = detection.DetTask.from_reference(cfg["kwargs"], _vocab(cfg))
+  layout = task.layout
+  b = _num_images(io)
+  boxes, labels = _gt(io, b)
+  counts = [len(x) for x in labels]
+
+  built = _in_given_order(task, boxes, labels, io["gt.img_shapes"])
+  assert_close("build_input_seq.out", built, io["build_input_seq.out"])
+  for i in range(b):
+    key = f"debug.build_input_seq.img{i}.scaled_boxes"
+    assert_close(key, boxes_lib.to_bins(boxes[i], task.norm_val, task.vocab.num_bins),
+                 io[key])
+  assert_close("get_targets.out", detection.object_targets(built, counts, layout),
+               io["get_targets.out"])
+
+  seqs = detection.object_sequences(task, boxes, labels, io["gt.img_shapes"],
+                                    draws=_draws(io, "get_seq", b))
+  assert_close("get_seq.input_seq", seqs.input_seq, io["get_seq.input_seq"])
+  assert_close("get_seq.target_seq", seqs.target_seq, io["get_seq.target_seq"])
+
+  # Losses on a training-layout sequence (real objects, then noise objects).
+  targets = detection.object_targets(io["loss.input_seq"], counts, layout)
+  assert_close("loss.target_seq", targets, io["loss.target_seq"])
+  loss2 = detection.sequence_loss(io["loss.out_seq"], targets, layout,
+                                  loss_weight=task.loss_weight)
+  _check_loss("loss2", loss2, io, ("loss", "cls_ce", "bbox_ce"))
+  older = {"loss": detection.normalized_loss(loss2["loss"], loss2["num_targets"])[None],
+           "cls_ce": loss2["cls_ce"], "bbox_ce": loss2["bbox_ce"]}
+  _check_loss("loss", older, io, ("loss", "cls_ce", "bbox_ce"))
+  got = detection.sequence_loss(io["loss2_get_seq_target.out_seq"], seqs.target_seq,
+                                layout, loss_weight=task.loss_weight)
+  _check_loss("loss2_get_seq_target", got, io, ("loss", "cls_ce", "bbox_ce"))
+
+  _check_pred_len(task, cfg)
+  metas = cfg["test"]["img_metas"]
+  for rescale in (0, 1):
+    for i, meta in enumerate(metas):
+      pre = f"test.rescale{rescale}.img{i}"
+      bboxes, classes = detection.detections(
+          task, io[f"test.img{i}.pred_tokens"], io[f"test.img{i}.pred_scores"],
+          meta["scale_factor"] if rescale else None)
+      assert_close(f"{pre}.bboxes", bboxes, io[f"{pre}.bboxes"])
+      assert_close(f"{pre}.labels", classes, io[f"{pre}.labels"])
+      _check_per_class(pre, task.vocab.num_classes, classes, bboxes, io)
+  io.assert_all_read(fx.name)
+
+
+def _check_per_class(pre, num_classes, classes, bboxes, io):
+  per_class = detection.split_by_class(classes, num_classes, bboxes)
+  assert_close(f"{pre}.bbox_result.counts", np.array([len(x) for x in per_class]),
+               io[f"{pre}.bbox_result.counts"])
+  assert_close(f"{pre}.bbox_result.rows", np.concatenate(per_class),
+               io[f"{pre}.bbox_result.rows"])
+
+
+# --- insseg_head -----------------------------------------------------------------------
+
+def _insseg_task(cfg: dict, vocab: Vocab, **over) -> insseg.InsSegTask:
+  return insseg.InsSegTask.from_reference(
+      {**cfg["kwargs"], **over, "vae_cfg": cfg["vae_cfg"]}, vocab)
+
+
+def _load_head_vqvae(fx: Fixture):
+  module = vqvae_from_reference_kwargs(fx.config["vae_cfg"], "ait")
+  prefix = "vqvae."
+  sd = {k[len(prefix):]: v for k, v in fx.state_dict.items() if k.startswith(prefix)}
+  variables = mapping.to_flax(sd, vqvae_entries(module), source=fx.name)
+  apply = jax.jit(module.apply, static_argnames="method")
+
+  def run(method):
+    return lambda x: apply(variables, x, method=method)
+
+  return run(VQVAE.encode), run(VQVAE.decode), run(VQVAE.decode_soft)
+
+
+def _assert_masks(name, got, want, prob):
+  """Binary masks equal except where the paste probability is within the margin."""
+  sure = np.abs(prob - 0.5) >= PASTE_MARGIN
+  print(f"  {name}: {int(np.sum(~sure))} pixels within {PASTE_MARGIN} of 0.5 skipped")
+  assert_close(name, np.where(sure, got, False), np.where(sure, want, False))
+
+
+def check_insseg_head(fx: Fixture):
+  cfg, io = fx.config, _Checked(fx.io)
+  vocab = _vocab(cfg)
+  task = _insseg_task(cfg, vocab)
+  encode, decode, decode_soft = _load_head_vqvae(fx)
+  assert_close("loss_seq.weight", task.class_weights, fx.state_dict["loss_seq.weight"])
+  b = _num_images(io)
+  boxes, labels = _gt(io, b)
+  gt_masks = [io[f"gt.img{i}.masks"] for i in range(b)]
+  counts = [len(x) for x in labels]
+  s = task.mask_size
+
+  crops = []
+  for i in range(b):
+    pre = f"crop.img{i}"
+    aligned = masks_lib.roi_align(gt_masks[i], boxes[i], s)
+    assert_close(f"{pre}.roi_align", aligned, io[f"{pre}.roi_align"])
+    crops.append(masks_lib.crop_masks(gt_masks[i], boxes[i], s))
+    assert_close(f"{pre}.mask", crops[i], io[f"{pre}.mask"])
+    assert_close(f"{pre}.mask_tokens", encode(crops[i]) if counts[i] else
+                 np.zeros((0, task.mask_token_length)), io[f"{pre}.mask_tokens"])
+
+  # build_input_seq in both layouts: objects in the given order, zero-padded.
+  n_max = max(counts)
+  padded_crops = np.zeros((b, n_max, s, s), np.float32)
+  has_mask = np.zeros((b, n_max), bool)
+  for i in range(b):
+    padded_crops[i, :counts[i]] = crops[i]
+    has_mask[i, :counts[i]] = True
+  for mbl in (0, 1):
+    t = dataclasses.replace(task, mask_before_label=bool(mbl))
+    seq = _in_given_order(t, boxes, labels, io["gt.img_shapes"])
+    _, built = insseg.add_mask_codes(t, seq[:, :-1], seq, padded_crops, has_mask, encode)
+    key = f"build_input_seq.mask_before_label{mbl}"
+    assert_close(key, built, io[key])
+
+  # get_seq with the stored draws.
+  seqs = insseg.make_sequences(task, boxes, labels, gt_masks, io["gt.img_shapes"],
+                               draws=_draws(io, "get_seq", b))
+  inputs, targets = (np.asarray(x) for x in insseg.add_mask_codes(
+      task, seqs.input_seq, seqs.target_seq, seqs.crops, seqs.has_mask, encode))
+  assert_close("get_seq.input_seq", inputs, io["get_seq.input_seq"])
+  # The reference ignores nothing here; we ignore the padding objects' box and mask
+  # slots (see ait_jax/tasks/insseg.py), which it leaves 0.
+  obj = np.arange(targets.shape[1]) // task.layout.length
+  ignored = targets == detection.IGNORE
+  assert not np.any(ignored & (obj[None] < np.array(counts)[:, None])), "real objects"
+  assert_close("get_seq.target_seq", np.where(ignored, 0, targets),
+               io["get_seq.target_seq"])
+  assert_close("get_seq.head_mask_after", seqs.crops[-1, :counts[-1]],
+               io["get_seq.head_mask_after"])
+
+  # get_targets on training-layout sequences.
+  num_real = io["get_targets.num_objects"]
+  flags = [io[f"get_targets.bad_bbox_flag.img{i}"] for i in range(len(num_real))]
+  for mbl in (0, 1):
+    layout = detection.ObjectLayout(task.mask_token_length, bool(mbl))
+    pre = f"get_targets.mask_before_label{mbl}"
+    for mode in ("default", "sup_neg_mask", "no_sup_mask"):
+      got = detection.object_targets(io[f"{pre}.input_seq"], num_real, layout,
+                                     mask_supervision=mode, bad_flags=flags)
+      assert_close(f"{pre}.{mode}", got, io[f"{pre}.{mode}"])
+
+  for case, spec in cfg["loss_cases"].items():
+    if isinstance(spec, dict):
+      _check_insseg_loss(f"loss2.{case}", spec, cfg, io, vocab, gt_masks, encode,
+                         decode_soft)
+
+  _check_pred_len(task, cfg)
+  for variant in ("soft", "hard"):
+    for rescale in (0, 1):
+      for i, meta in enumerate(cfg["test"]["img_metas"]):
+        _check_insseg_test(task, f"test.{variant}.rescale{rescale}.img{i}", io, i, meta,
+                           rescale, decode_soft if variant == "soft" else None, decode)
+
+  box, mask = io["inverted_box.bbox"], io["inverted_box.mask_pred"]
+  want = io["inverted_box.masks_skip_empty_false"]
+  h, w = want.shape[1:]
+  prob = masks_lib.paste_probabilities(mask, box, h, w, window=False)
+  _assert_masks("inverted_box.masks_skip_empty_false",
+                masks_lib.paste_masks(mask, box, h, w, window=False), want, prob)
+  # The reference's CPU branch raises here; ours pastes nothing.
+  assert not masks_lib.paste_masks(mask, box, h, w).any()
+  io.assert_all_read(fx.name)
+
+
+def _check_insseg_loss(pre, spec, cfg, io, vocab, gt_masks, encode, decode_soft):
+  task = _insseg_task(cfg, vocab, **spec["over"], seq_aug=True)
+  assert_close(f"{pre}.class_weight", task.class_weights, io[f"{pre}.class_weight"])
+  images = io[f"{pre}.images"]
+  assert list(images) == spec["images"]
+  b = len(images)
+  boxes, labels = _gt(io, _num_images(io))
+  perms = tuple(io[f"{pre}.perm.img{j}"] for j in range(b))
+  # Training layout: the noise objects' box and mask slots are ignored whatever they
+  # hold, so any noise draws give the stored targets.
+  draws = detection.SequenceDraws(perms, np.zeros((b, task.num_query), np.int64),
+                                  np.zeros((b, task.num_query), np.float32))
+  seqs = insseg.make_sequences(
+      task, [boxes[i] for i in images], [labels[i] for i in images],
+      [gt_masks[i] for i in images], io["gt.img_shapes"][images],
+      rng=np.random.default_rng(0), draws=draws)
+  _, targets = insseg.add_mask_codes(task, seqs.input_seq, seqs.target_seq, seqs.crops,
+                                     seqs.has_mask, encode)
+  assert_close(f"{pre}.target_seq", targets, io[f"{pre}.target_seq"])
+  last = len(perms[-1])
+  assert_close(f"{pre}.head_mask", seqs.crops[-1, :last], io[f"{pre}.head_mask"])
+
+  logits = io[f"{pre}.out_seq"]
+  got = jax.jit(lambda x, y, c: insseg.sequence_loss(task, x, y, c, decode_soft))(
+      logits, targets, seqs.crops)
+  _check_loss(pre, got, io, ("loss", "cls_ce", "bbox_ce", "mask_ce", "decoder_aux_ce"))
+  num_obj = spec["num_obj_for_decoder_loss"]
+  assert spec["decoder_loss_computed"] == (task.decoder_loss_weight > 0 and num_obj > 0)
+  if spec["decoder_loss_computed"]:
+    layout = task.layout
+    objs = logits.reshape(b, -1, layout.length, logits.shape[-1])
+    code_logits = objs[0, :num_obj, layout.mask_slots, vocab.mask_codes]
+    assert_close(f"{pre}.debug.soft_mask", decode_soft(code_logits),
+                 io[f"{pre}.debug.soft_mask"], atol=VQVAE_ATOL)
+
+
+def _check_insseg_test(task, pre, io, i, meta, rescale, decode_soft, decode):
+  tokens, scores = io[f"test.img{i}.pred_tokens"], io[f"test.img{i}.pred_scores"]
+  n = len(tokens) // task.layout.length
+  if decode_soft is not None:
+    mask_pred = decode_soft(io[f"test.img{i}.pred_mask_logits"][:n])
+  else:
+    mask_pred = decode(detection.parse_objects(tokens, task.layout)[2])
+  assert_close(f"{pre}.debug.mask_pred", mask_pred, io[f"{pre}.debug.mask_pred"],
+               atol=VQVAE_ATOL)
+  ori_hw = meta["ori_shape"][:2]
+  bboxes, classes, masks = insseg.instances(task, tokens, scores, mask_pred, ori_hw,
+                                            meta["scale_factor"] if rescale else None)
+  assert_close(f"{pre}.bboxes", bboxes, io[f"{pre}.bboxes"])
+  assert_close(f"{pre}.labels", classes, io[f"{pre}.labels"])
+  prob = io[f"{pre}.debug.paste_prob_whole_image"]
+  whole_prob = masks_lib.paste_probabilities(mask_pred, bboxes[:, :4], *ori_hw,
+                                             window=False)
+  assert_close(f"{pre}.debug.paste_prob_whole_image", whole_prob, prob, atol=VQVAE_ATOL)
+  _assert_masks(f"{pre}.masks", masks, io[f"{pre}.masks"], prob)
+  _, _, whole = insseg.instances(task, tokens, scores, mask_pred, ori_hw,
+                                 meta["scale_factor"] if rescale else None, window=False)
+  _assert_masks(f"{pre}.masks_skip_empty_false", whole, io[f"{pre}.masks_skip_empty_false"],
+                prob)
+  if rescale:
+    _check_per_class(pre, task.vocab.num_classes, classes, bboxes, io)
+    per_class = detection.split_by_class(classes, task.vocab.num_classes, masks)
+    _assert_masks(f"{pre}.mask_result.masks", np.concatenate(per_class),
+                  io[f"{pre}.mask_result.masks"],
+                  np.concatenate(detection.split_by_class(classes, task.vocab.num_classes,
+                                                          prob)))
+
+
+# --- ait_depth_e2e -------------------------------------------------------------------
+
+# The multi-task loss dict's entries for tasks other than depth: the reference's zero
+# placeholders, which a depth-only batch leaves untouched.
+OTHER_TASK_LOSSES = ("det_loss", "det_cls_ce", "det_bbox_ce", "insseg_loss",
+                     "insseg_cls_ce", "insseg_bbox_ce", "insseg_mask_ce",
+                     "insseg_decoder_aux_ce")
+
+
+def check_ait_depth_e2e(fx: Fixture):
+  io, model_cfg = fx.io, fx.config["model"]
+  ref = ait_from_reference_config(model_cfg)
+  variables = mapping.to_flax(fx.state_dict, ait_entries(ref), source=fx.name)
+  model, tokenizer = ref.model, ref.tokenizers["depth"]
+  model_vars = jax.tree.map(jnp.asarray, variables["model"])
+  tok_vars = jax.tree.map(jnp.asarray, variables["tokenizers"]["depth"])
+  head = ref.task_heads["depth"]
+  vocab = model.transformer.vocab
+  assert head["depth_token_offset"] == vocab.depth_offset
+  assert head["task_id"] == DEPTH_TASK
+  fit = dict(resizeto=model_cfg.get("resizeto", 0), padto=model_cfg.get("padto", 0))
+
+  # forward_train([img], gt=[{'depth': depth}], task=['depth'])
+  images = depth_task.resize_and_pad(jnp.asarray(io["train.img"].transpose(0, 2, 3, 1)),
+                                     **fit)
+  depth = jnp.asarray(io["train.depth"][:, 0])
+  target_seq = jax.jit(depth_task.depth_targets, static_argnums=(0, 3))(
+      tokenizer, tok_vars, depth, vocab)
+  input_seq = target_seq[:, :-1]
+  assert_close("train.input_seq", input_seq, io["train.input_seq"])
+  assert_close("train.target_seq", target_seq, io["train.target_seq"])
+  feats = jax.jit(lambda v, x: model.apply(v, x, method=AiT.features))(model_vars, images)
+  assert_close("train.backbone_out", np.asarray(feats).transpose(0, 3, 1, 2),
+               io["train.backbone_out"], atol=SWIN_ATOL)
+  task_id = jnp.full((images.shape[0],), DEPTH_TASK, jnp.int32)
+  logits = jax.jit(lambda v, x, s, t: model.apply(
+      v, x, s, t, train=True, rngs={"dropout": jax.random.key(0)}))(
+          model_vars, images, input_seq, task_id)
+  assert_close("train.transformer_logits", logits, io["train.transformer_logits"],
+               atol=TRANSFORMER_ATOL)
+
+  loss_fn = jax.jit(lambda lg, t, d, v: depth_task.depth_loss(
+      lg, t, d, tokenizer, v, vocab, loss_weight=head.get("loss_weight", 1.0),
+      decoder_loss_weight=head.get("decoder_loss_weight", 0.0)))
+  loss, metrics = loss_fn(logits, target_seq, depth, tok_vars)
+  losses = {"depth_loss": loss, **metrics}
+  stored = {k[len("train.losses."):] for k in io if k.startswith("train.losses.")}
+  assert stored == set(losses) | set(OTHER_TASK_LOSSES), sorted(stored)
+  for name in OTHER_TASK_LOSSES:
+    assert float(io[f"train.losses.{name}"]) == 0.0, name
+  for name, value in losses.items():
+    assert_close(f"train.losses.{name}", value, io[f"train.losses.{name}"],
+                 rtol=LOSS_RTOL)
+
+  # forward_test(img, task='depth', depth=depth)
+  test_images = jnp.asarray(io["test.img"].transpose(0, 2, 3, 1))
+  _, h, w, _ = test_images.shape
+  # DepthHead's defaults for the keys a config leaves out.
+  windows_cfg = dict(shift_window_test=head.get("shift_window_test", True),
+                     shift_size=head.get("shift_size", 2),
+                     flip_test=head.get("flip_test", True))
+  starts = depth_task.window_starts(
+      h, w, shift_window_test=windows_cfg["shift_window_test"],
+      shift_size=windows_cfg["shift_size"])
+  if "window_interval" in fx.config["test"] and len(starts) > 1:
+    assert starts[1] == fx.config["test"]["window_interval"]
+  windows = depth_task.resize_and_pad(depth_task.window_images(
+      test_images, starts, flip_test=windows_cfg["flip_test"]), **fit)
+  token_length = tokenizer.token_length
+  pred = jax.jit(lambda v, x: model.apply(v, x, token_length, method=AiT.decode_depth))(
+      model_vars, windows)
+  assert_close("test.windows_pred_logits", pred.logits, io["test.windows_pred_logits"],
+               atol=TRANSFORMER_ATOL)
+  assert_close("test.windows_pred_tokens", pred.tokens, io["test.windows_pred_tokens"])
+  predict = jax.jit(lambda mv, tv, x: depth_task.predict_depth(
+      model, mv, tokenizer, tv, x, token_length=token_length,
+      soft=head.get("soft_vae", False), **windows_cfg, **fit))
+  assert_close("test.pred", predict(model_vars, tok_vars, test_images), io["test.pred"],
+               atol=VQVAE_ATOL)
+  checked = {"train.img", "train.depth", "test.img", "test.depth", "train.input_seq",
+             "train.target_seq", "train.backbone_out", "train.transformer_logits",
+             "test.windows_pred_logits", "test.windows_pred_tokens", "test.pred"}
+  unchecked = set(io) - checked - {f"train.losses.{k}" for k in stored}
+  assert not unchecked, f"{fx.name}: outputs without a check: {sorted(unchecked)}"
 
 
 # --- depth_metrics -------------------------------------------------------------------
@@ -270,22 +688,17 @@ CHECKS = {
     "swin_v2": check_swin_v2,
     "ar_transformer": check_ar_transformer,
     "vocab": check_vocab,
+    "det_head": check_det_head,
+    "insseg_head": check_insseg_head,
     "vqvae": check_vqvae,
     "vqvae_train": check_vqvae_train,
     "depth_metrics": check_depth_metrics,
-}
-# Kinds whose code is not written yet: skipped, with the reason.
-NOT_YET = {
-    "ait_depth_e2e": "the depth head (training loss, sliding-window test) is not written yet",
-    "det_head": "the detection head (sequences, loss, post-processing) is not written yet",
-    "insseg_head": "the instance-segmentation head is not written yet",
+    "ait_depth_e2e": check_ait_depth_e2e,
 }
 
 
 @pytest.mark.parametrize("fx", kind_fixtures(), ids=lambda fx: f"{fx.kind}:{fx.name}")
 def test_fixture(fx: Fixture):
-  if fx.kind in NOT_YET:
-    pytest.skip(f"fixture kind {fx.kind!r}: {NOT_YET[fx.kind]}")
   assert fx.kind in CHECKS, f"{fx.config_path}: unknown fixture_kind {fx.kind!r}"
   CHECKS[fx.kind](fx)
 
@@ -355,3 +768,18 @@ def test_manifest(path):
   with pytest.raises(mapping.StateDictMismatch) as err:
     mapping.to_flax({**zeros, **{k: np.zeros_like(derived[k]) for k in nonzero}}, entries)
   assert sorted(k for k, _ in err.value.value) == nonzero
+
+
+@pytest.mark.parametrize("name, preset", [
+    ("swinv2b_480reso_depthonly", swin_v2_base()),
+    ("swinv2b_480reso_parallel_depthonly", swin_v2_base()),
+    ("swinv2b_640reso_joint", swin_v2_base(shifts=(True,) * 4, drop_path_rate=0.3)),
+    ("swinv2b_640reso_detonly", swin_v2_base(shifts=(True,) * 4, drop_path_rate=0.3)),
+    ("swinv2l_480reso_depthonly", swin_v2_large()),
+])
+def test_swin_presets_equal_the_reference_configs(name, preset):
+  path = fixtures_dir() / f"manifest_{name}.json"
+  if not path.exists():
+    pytest.skip(f"{path} is not in this fixture directory")
+  manifest = json.loads(path.read_text())
+  assert swin_v2_from_reference_kwargs(manifest["model_cfg"]["backbone"]) == preset

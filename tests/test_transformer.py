@@ -3,7 +3,6 @@ AiT-P, sampling, and the reference weight mapping."""
 
 import collections
 import functools
-import json
 
 import flax.linen as nn
 import jax
@@ -18,7 +17,6 @@ from ait_jax.models import axes, decoding
 from ait_jax.models.transformer import (DEPTH_TASK, DET_TASK, INSSEG_TASK, ARTransformer,
                                         sine_position_table)
 from ait_jax.models.vocab import Vocab
-from tests.fixture_io import fixtures_dir
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -350,28 +348,3 @@ def test_vocab_offsets():
   with pytest.raises(ValueError, match="smaller"):
     Vocab(num_bins=2000, num_classes=80, num_mask_codes=128, num_depth_codes=128,
           size=2338)
-
-
-def _manifests():
-  out = []
-  for path in sorted(fixtures_dir().glob("manifest_*.json")):
-    manifest = json.loads(path.read_text())
-    if "transformer" in manifest.get("model_cfg", {}):
-      out.append(pytest.param(manifest, id=path.stem))
-  return out
-
-
-@pytest.mark.parametrize("manifest", _manifests())
-def test_full_size_shapes_match_manifest(manifest):
-  model = transformer_from_reference_kwargs(manifest["model_cfg"]["transformer"])
-  entries = transformer_entries(model)
-  want = {k[len("transformer."):]: tuple(v["shape"])
-          for k, v in manifest["state_dict"].items() if k.startswith("transformer.")}
-  got = {e.torch_key: e.torch_shape if isinstance(e, mapping.Param) else e.value.shape
-         for e in entries}
-  assert list(got) == list(want) and got == want
-  rows, cols = model.n_rows, model.n_cols
-  abstract = jax.eval_shape(lambda: nn.unbox(model.init(
-      jax.random.key(0), jnp.zeros((1, rows, cols, model.in_chans)),
-      jnp.zeros((1, 4), jnp.int32), jnp.zeros((1,), jnp.int32))))
-  mapping.check_covers(entries, abstract)
