@@ -1,7 +1,8 @@
 """Input pipeline of ait-jax: grain sources, transforms and loaders for AiT.
 
-Independent of `ait_jax` (numpy, PIL, pycocotools, grain; TFDS only for the
-TFDS source). Batches are dicts of numpy arrays; images NHWC float32.
+Independent of `ait_jax` but for its numpy task code (mask crops, object
+sequences); numpy, PIL, pycocotools, grain; TFDS only for the TFDS source.
+Batches are dicts of numpy arrays; images NHWC float32.
 
 Sources (grain random-access: `len(source)`, `source[i]` -> record dict):
   NyuDepthSource(root, split='train'|'test', list_file=None, load_image=True)
@@ -32,10 +33,14 @@ whole batches, with a boolean `valid`):
       -> depth (target), masked_depth (input, training) (B,H,W,1).
   make_insseg_loader(source, *, train, options, image_size=(640, 640),
                      ratio_range=(0.1, 3.0), max_instances=100,
-                     mask_crop_size=64, keep_masks=False)
+                     mask_crop_size=64, keep_masks=False, sequences=None)
       -> train: image (B,S,S,3) normalised, img_shape (B,2), boxes (B,M,4)
          x1,y1,x2,y2 px, labels (B,M) (-1 pad), num_instances (B,),
          mask_crops (B,M,64,64), [masks (B,M,S,S) uint8];
+         with `sequences` (a DetTask or InsSegTask with seq_aug), each
+         image's training sequences from its own seeded generator
+         (transforms_sequences): input_seq (B,L-1), target_seq (B,L),
+         [seq_mask_crops (B,Q,m,m) uint8, seq_has_mask (B,Q)];
          eval: image, img_shape, ori_shape, scale_factor (B,4), image_id.
   make_mask_tokenizer_loader(source, *, train, options)
       -> mask (B,S,S,1) in {0,1}, box, image_id, ann_id.

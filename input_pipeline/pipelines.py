@@ -5,9 +5,12 @@ sizes. Each function returns a `Loader` of dicts of numpy arrays (images NHWC
 float32); see `input_pipeline/__init__.py` for the keys.
 """
 
+from ait_jax.tasks import detection
+from ait_jax.tasks import insseg
 from input_pipeline import transforms_common
 from input_pipeline import transforms_depth
 from input_pipeline import transforms_insseg
+from input_pipeline import transforms_sequences
 from input_pipeline.loader import Loader
 from input_pipeline.loader import LoaderOptions
 from input_pipeline.loader import make_loader
@@ -63,18 +66,35 @@ def make_insseg_loader(
     image_size: tuple[int, int] = (640, 640),
     ratio_range: tuple[float, float] = (0.1, 3.0),
     max_instances: int = 100, mask_crop_size: int | None = 64,
-    keep_masks: bool = False) -> Loader:
+    keep_masks: bool = False,
+    sequences: detection.DetTask | insseg.InsSegTask | None = None) -> Loader:
   """Instance segmentation on COCO-format data (`CocoInstancesSource`).
 
   Training (large-scale jitter): `image` (B, S, S, 3) normalised, `img_shape`
   (B, 2), `boxes` (B, M, 4) pixels `x1, y1, x2, y2`, `labels` (B, M) (-1 pad),
-  `num_instances` (B,), `mask_crops` (B, M, c, c) (the head's 64x64 targets)
-  and, with `keep_masks`, `masks` (B, M, S, S) uint8. Evaluation: `image`,
-  `img_shape`, `ori_shape`, `scale_factor`, `image_id`, `valid`.
+  `num_instances` (B,), `mask_crops` (B, M, c, c) (the head's 64x64 targets;
+  `mask_crop_size=None` leaves them out) and, with `keep_masks`, `masks`
+  (B, M, S, S) uint8. Evaluation: `image`, `img_shape`, `ori_shape`,
+  `scale_factor`, `image_id`, `valid`.
+
+  `sequences` (training only), an `ait_jax.tasks` `DetTask` or `InsSegTask`
+  with `seq_aug`, adds each image's training sequences, drawn from its own
+  seeded generator from the full masks (`transforms_sequences`): `input_seq`,
+  `target_seq` and, for an `InsSegTask`, `seq_mask_crops` (B, num_query, m, m)
+  uint8 and `seq_has_mask`.
   """
   if train:
     ops = transforms_insseg.insseg_train_ops(
         image_size, ratio_range, max_instances, mask_crop_size, keep_masks)
+    if sequences is not None:
+      # After Pad and MaskCrops, before PadInstances drops the full masks.
+      last = [isinstance(op, transforms_insseg.PadInstances)
+              for op in ops].index(True)
+      ops.insert(last, transforms_sequences.ObjectSequences(sequences))
+  elif sequences is not None:
+    raise ValueError("sequences are training targets; evaluation records "
+                     "carry no annotations (pass sequences=None with "
+                     "train=False)")
   else:
     ops = transforms_insseg.insseg_test_ops(image_size)
   return make_loader(source, ops, train=train, options=options,
