@@ -1,0 +1,1 @@
+"""Device mesh, logical-axis rules, shardings and multi-host initialisation."""

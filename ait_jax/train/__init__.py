@@ -1,0 +1,1 @@
+"""Training: configs, optimizer, train state, the loop, checkpoints, reporting."""

@@ -1,0 +1,52 @@
+"""AiT object detection, SwinV2-B (5 tokens per object).
+
+Reference: ait/configs/swinv2b_640reso_detonly.py
+(COCO 2017 at 640x640, large-scale jitter).
+The backbone starts from the reference's `swin_v2_base_densesimmim.pth` converted to
+.npz (--config.init.backbone=PATH). The reference trains with fp16 autocast; here the
+compute dtype is bfloat16 with float32 parameters.
+"""
+
+from ait_jax.train import config_base
+
+NUM_BINS, NUM_CLASSES, NUM_EMBEDDINGS, NUM_EMBEDDINGS_DEPTH = 2000, 80, 128, 128
+NUM_VOCAL = NUM_BINS + 1 + NUM_CLASSES + 2 + NUM_EMBEDDINGS + NUM_EMBEDDINGS_DEPTH
+
+
+def get_config():
+  c = config_base.ait_config()
+  c.model = dict(
+      type="AiT",
+      backbone=dict(
+          type="SwinV2TransformerRPE2FC", pretrain_img_size=192, embed_dim=128,
+          depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=[30, 30, 30, 15],
+          use_shift=[True, True, True, True], pretrain_window_size=[12, 12, 12, 6],
+          ape=False, drop_path_rate=0.3, patch_norm=True, use_checkpoint=False,
+          out_indices=(3,),
+          init_cfg=dict(type="Pretrained",
+                        checkpoint="swin_v2_base_densesimmim.pth")),
+      transformer=dict(
+          type="ARTransformer", in_chans=1024, d_model=256, drop_path=0.1,
+          drop_out=0.1, nhead=8, dim_feedforward=1024, num_encoder_layers=6,
+          num_decoder_layers=6, num_vocal=NUM_VOCAL, num_bins=NUM_BINS,
+          num_classes=NUM_CLASSES, num_embeddings=NUM_EMBEDDINGS,
+          num_embeddings_depth=NUM_EMBEDDINGS_DEPTH, dec_length=2100, n_rows=20,
+          n_cols=20, pos_enc="sine", pred_eos=False),
+      task_heads=dict(
+          det=dict(
+              type="DetHead", task_id=0, loss_weight=1.0, num_classes=NUM_CLASSES,
+              num_bins=NUM_BINS, coord_norm="abs", norm_val=640,
+              sync_cls_avg_factor=True,
+              seq_aug=True)))
+  c.tasks.det = config_base.coco_task(128, eval_batch_size=20)
+  c.total_steps = 183300
+  c.optimizer.update(name="adamw", lr=1e-3, weight_decay=0.05, grad_clip_norm=1.0,
+                     layer_decay_rate=0.85, layer_decay_depths=(2, 2, 18, 2))
+  c.schedule.update(name="linear_annealing", min_lr_ratio=0.01, warmup_steps=18330,
+                    warmup_ratio=0.1)
+  c.compute_dtype = "bfloat16"
+  c.checkpoint.every_steps = 9165
+  c.eval_every_steps = 18330
+  c.log_every_steps = 20
+  c.lock()
+  return c
