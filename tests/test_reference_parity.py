@@ -6,29 +6,29 @@ loaded with its stored weights through the weight mapping, and every stored outp
 compared. Run with `-s` to see the largest difference of each array.
 """
 
+import dataclasses
 import json
 import math
 import re
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from ait_jax.checkpoint import mapping
 from ait_jax.checkpoint.ait import ait_entries, ait_from_reference_config
+from ait_jax.checkpoint.swin_v2 import swin_v2_entries, swin_v2_from_reference_kwargs
 from ait_jax.checkpoint.transformer import (SINE_TABLE_ATOL, transformer_entries,
                                             transformer_from_reference_kwargs)
-from ait_jax.checkpoint.swin_v2 import swin_v2_entries, swin_v2_from_reference_kwargs
 from ait_jax.checkpoint.vqvae import vqvae_entries, vqvae_from_reference_kwargs
 from ait_jax.evaluation import depth_metrics
 from ait_jax.models import decoding
-from ait_jax.models.transformer import DEPTH_TASK, DET_TASK
 from ait_jax.models.ait import AiT
 from ait_jax.models.swin_v2 import swin_v2_base, swin_v2_large
+from ait_jax.models.transformer import DEPTH_TASK, DET_TASK
 from ait_jax.models.vocab import Vocab
 from ait_jax.models.vqvae import VQVAE
 from ait_jax.tasks import boxes as boxes_lib
@@ -36,6 +36,7 @@ from ait_jax.tasks import depth as depth_task
 from ait_jax.tasks import detection
 from ait_jax.tasks import insseg
 from ait_jax.tasks import masks as masks_lib
+from ait_jax.train import optimizer as optimizer_lib
 from tests.fixture_io import Fixture, assert_close, fixtures_dir, kind_fixtures
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -783,3 +784,57 @@ def test_swin_presets_equal_the_reference_configs(name, preset):
     pytest.skip(f"{path} is not in this fixture directory")
   manifest = json.loads(path.read_text())
   assert swin_v2_from_reference_kwargs(manifest["model_cfg"]["backbone"]) == preset
+
+
+# --- layer_decay.json: the optimizer's per-parameter lr scale and weight decay ----------
+
+def _optimizer_config(opt: dict) -> ml_collections.ConfigDict:
+  paramwise = opt["paramwise_cfg"]
+  return ml_collections.ConfigDict(dict(optimizer=dict(
+      layer_decay_depths=tuple(paramwise["num_layers"]),
+      layer_decay_rate=paramwise["layer_decay_rate"],
+      no_decay_names=tuple(paramwise.get("no_decay_names", ())))))
+
+
+def check_layer_decay(path) -> int:
+  """Compares every config of a layer_decay.json; returns the parameters checked."""
+  fixture = json.loads(open(path).read())
+  checked = 0
+  for name, entry in fixture.items():
+    manifest = json.loads((fixtures_dir() / f"manifest_{name}.json").read_text())
+    ref = ait_from_reference_config(manifest["model_cfg"])
+    boxed = jax.eval_shape(lambda: ref.model.init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 1), jnp.int32),
+        jnp.zeros((1,), jnp.int32)))
+    params = nn.meta.unbox(boxed)["params"]
+    ours = optimizer_lib.summarize(params, _optimizer_config(entry["optimizer"]))
+    by_key = {e.torch_key: e.flax_path for e in ait_entries(ref)
+              if isinstance(e, mapping.Param)}
+    base_wd = entry["optimizer"]["weight_decay"]
+    seen = set()
+    problems = []
+    for torch_key, want in entry["params"].items():
+      flax_path = by_key[torch_key]
+      assert flax_path[:2] == ("model", "params"), (name, torch_key, flax_path)
+      key = "/".join(flax_path[2:])
+      scale, decays = ours[key]
+      seen.add(key)
+      if not math.isclose(scale, want["lr_scale"], rel_tol=1e-12):
+        problems.append(f"{torch_key} ({key}): lr_scale {scale} != {want['lr_scale']}")
+      if decays != (want["weight_decay"] == base_wd and base_wd > 0):
+        problems.append(f"{torch_key} ({key}): weight decay {decays}, reference "
+                        f"{want['weight_decay']}")
+      checked += 1
+    missing = sorted(set(ours) - seen)
+    assert not missing, f"{name}: trainable leaves the fixture does not name: {missing}"
+    assert not problems, f"{name}:\n" + "\n".join(problems)
+    assert sum(layers + 1 for layers in entry["optimizer"]["paramwise_cfg"]["num_layers"]
+               ) + 1 == entry["num_layers_after_constructor"]
+  return checked
+
+
+def test_layer_decay():
+  path = fixtures_dir() / "layer_decay.json"
+  if not path.exists():
+    pytest.skip(f"{path} is not in this fixture directory")
+  assert check_layer_decay(path) > 0
