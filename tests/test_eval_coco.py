@@ -14,7 +14,6 @@ import textwrap
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ait_jax.evaluation import coco

@@ -7,18 +7,23 @@ compared. Run with `-s` to see the largest difference of each array.
 """
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import re
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from ait_jax.checkpoint import mapping
+from ait_jax import convert
+from ait_jax.checkpoint import mapping, pretrained, torch_files
 from ait_jax.checkpoint.ait import ait_entries, ait_from_reference_config
 from ait_jax.checkpoint.swin_v2 import swin_v2_entries, swin_v2_from_reference_kwargs
 from ait_jax.checkpoint.transformer import (SINE_TABLE_ATOL, transformer_entries,
@@ -26,6 +31,7 @@ from ait_jax.checkpoint.transformer import (SINE_TABLE_ATOL, transformer_entries
 from ait_jax.checkpoint.vqvae import vqvae_entries, vqvae_from_reference_kwargs
 from ait_jax.evaluation import depth_metrics
 from ait_jax.models import decoding
+from ait_jax.models import swin_v2_tables
 from ait_jax.models.ait import AiT
 from ait_jax.models.swin_v2 import swin_v2_base, swin_v2_large
 from ait_jax.models.transformer import DEPTH_TASK, DET_TASK
@@ -37,7 +43,10 @@ from ait_jax.tasks import detection
 from ait_jax.tasks import insseg
 from ait_jax.tasks import masks as masks_lib
 from ait_jax.train import optimizer as optimizer_lib
-from tests.fixture_io import Fixture, assert_close, fixtures_dir, kind_fixtures
+from ait_jax.train import trainer
+from tests import convert_utils
+from tests.fixture_io import REPO, Fixture, assert_close, fixtures_dir, kind_fixtures
+from tests.test_torch_files import write_torch_zip
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -838,3 +847,410 @@ def test_layer_decay():
   if not path.exists():
     pytest.skip(f"{path} is not in this fixture directory")
   assert check_layer_decay(path) > 0
+
+# --- conversion: the fixtures' weights and the full-size layouts through reference files
+#
+# Reference files (torch zip, safetensors) -> orbax -> reference files, bit for bit.
+# Tests that need torch import it lazily and skip that leg without it.
+
+def _fixture_parts(fx: Fixture):
+  """(entries, state_dict) of a fixture's module, or None for kinds without weights."""
+  if fx.kind == "swin_v2":
+    return swin_v2_entries(swin_v2_from_reference_kwargs(fx.config["kwargs"])), fx.state_dict
+  if fx.kind in ("vqvae", "vqvae_train"):
+    module = vqvae_from_reference_kwargs(fx.config["kwargs"],
+                                         "ait" if fx.kind == "vqvae" else "train")
+    return vqvae_entries(module), fx.state_dict
+  if fx.kind == "ar_transformer":
+    kwargs = {**fx.config["kwargs"], "parallel": True, "soft_transformer": False}
+    sd = {**fx.state_dict, **fx.extra_state_dict("parallel_extra")}
+    return transformer_entries(transformer_from_reference_kwargs(kwargs)), sd
+  return None
+
+
+def _torch_file_writers():
+  writers = {"zip_without_torch": lambda p, sd: write_torch_zip(p, {"state_dict": sd})}
+  if torch_files.torch_available():
+    writers["torch.save"] = torch_files.write_torch
+  return writers
+
+
+@pytest.mark.parametrize("writer", sorted(_torch_file_writers()))
+def test_fixture_weights_round_trip(writer, tmp_path):
+  """Every fixture module's weights: PyTorch file -> orbax -> PyTorch file, unchanged."""
+  write = _torch_file_writers()[writer]
+  checked = 0
+  for fx in kind_fixtures():
+    parts = _fixture_parts(fx)
+    if parts is None:
+      continue
+    entries, sd = parts
+    src = str(tmp_path / f"{fx.name}.pth")
+    write(src, sd)
+    part = pretrained.import_part(torch_files.read_state_dict(src), "m",
+                                  pretrained.Target(entries, {"m": entries}))
+    assert part.complete and not part.ignored, part.problems()
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / f"{fx.name}_orbax", mapping.unflatten(part.loaded))
+    ckpt.wait_until_finished()
+    restored = jax.device_get(ckpt.restore(tmp_path / f"{fx.name}_orbax"))
+    written = torch_files.write_state_dict(str(tmp_path / f"{fx.name}_out"),
+                                           mapping.to_torch(restored, entries))
+    for path in written:
+      convert_utils.assert_state_dicts_equal(torch_files.read_state_dict(path).state_dict, sd, entries)
+    checked += 1
+  assert checked >= 4
+
+
+def _e2e_config(fx: Fixture):
+  model = fx.config["model"]
+  size = model["task_heads"]["depth"]["vae_cfg"]["mask_size"]
+  return convert_utils.load_config(convert_utils.DEMO, model=model, crop_size=(size, size))
+
+
+def _e2e_fixture() -> Fixture:
+  found = [fx for fx in kind_fixtures() if fx.kind == "ait_depth_e2e"]
+  if not found:
+    pytest.skip("no ait_depth_e2e fixture")
+  return found[0]
+
+
+def test_reference_ait_checkpoint_through_a_workdir(tmp_path):
+  """A full AiT checkpoint (mmcv layout) -> workdir -> the same state_dict back, which
+  (with torch) a torch module of the reference's keys loads strictly."""
+  fx = _e2e_fixture()
+  cfg = _e2e_config(fx)
+  src = str(tmp_path / "ait.pth")
+  write_torch_zip(src, {"meta": {"iter": 100}, "state_dict": {
+      f"module.{k}": v for k, v in fx.state_dict.items()}})
+  combined = convert.from_torch(cfg, [src], str(tmp_path / "wd"))
+  assert not combined.not_loaded and combined.parts[0].role == "ait"
+  with open(tmp_path / "wd" / convert.REPORT_FILE) as f:
+    notes = json.load(f)["files"][0]["notes"]
+  assert notes[0] == "took the state_dict from the 'state_dict' entry (not read: meta)"
+  written = convert.to_torch(cfg, str(tmp_path / "wd"), str(tmp_path / "out"))
+  entries = convert.target_of(cfg).entries
+  for path in written:
+    convert_utils.assert_state_dicts_equal(torch_files.read_state_dict(path).state_dict, fx.state_dict,
+                              entries)
+  if not torch_files.torch_available():
+    return
+  import torch  # pylint: disable=g-import-not-at-top
+  module = convert_utils.module_tree({k: (v.shape, v.dtype) for k, v in fx.state_dict.items()}, torch)
+  module.load_state_dict(torch.load(written[1], weights_only=True), strict=True)
+  for k, v in module.state_dict().items():
+    np.testing.assert_allclose(v.numpy(), fx.state_dict[k], rtol=0,
+                               atol=1e-6 if k.endswith("enc_embed") else 0, err_msg=k)
+
+
+def _swin_fixture() -> Fixture:
+  found = [fx for fx in kind_fixtures() if fx.kind == "swin_v2"]
+  if not found:
+    pytest.skip("no swin_v2 fixture")
+  return found[0]
+
+
+def _simmim_file(path, sd: dict) -> None:
+  """A SimMIM pretraining checkpoint around a backbone state_dict (norm0-3 -> norm)."""
+  encoder = {f"encoder.{k}": v for k, v in sd.items() if not k.startswith("norm")}
+  last = max(int(k[4]) for k in sd if k.startswith("norm"))
+  encoder["encoder.norm.weight"] = sd[f"norm{last}.weight"]
+  encoder["encoder.norm.bias"] = sd[f"norm{last}.bias"]
+  encoder["encoder.mask_token"] = np.zeros((1, 1, sd["patch_embed.proj.bias"].shape[0]),
+                                           np.float32)
+  encoder["decoder.0.weight"] = np.ones((48, 8, 1, 1), np.float32)
+  write_torch_zip(path, {"model": encoder, "epoch": 800})
+
+
+def _ait_with_backbone(backbone: dict) -> pretrained.Target:
+  width = backbone["embed_dim"] * 2 ** (len(backbone["depths"]) - 1)
+  ref = ait_from_reference_config(dict(
+      type="AiT", backbone={**backbone, "out_indices": (len(backbone["depths"]) - 1,)},
+      transformer=dict(type="ARTransformer", in_chans=width, d_model=16, nhead=2,
+                       num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                       num_vocal=40, num_bins=10, num_classes=3, num_embeddings=8,
+                       num_embeddings_depth=8, dec_length=10, n_rows=2, n_cols=2)))
+  return pretrained.ait_target(ref)
+
+
+def test_simmim_backbone_at_other_window_sizes(tmp_path):
+  fx = _swin_fixture()
+  kwargs = fx.config["kwargs"]
+  src = str(tmp_path / "simmim.pth")
+  _simmim_file(src, fx.state_dict)
+  file = torch_files.read_state_dict(src)
+  windows = [2 * w - 1 for w in kwargs["window_size"]]  # other sizes than the file's
+  target = _ait_with_backbone({**kwargs, "window_size": windows})
+  assert pretrained.detect_role(file, target) == "backbone"
+  part = pretrained.import_part(file, "backbone", target)
+
+  # The position-bias MLP and every other weight transfer; only the tables change.
+  n = len(kwargs["depths"]) - 1
+  assert part.missing == [f"norm{n}.weight", f"norm{n}.bias"]
+  assert sorted(part.unexpected) == ["mask_token", "norm.bias", "norm.weight"]
+  assert not part.shape and not part.value
+  ignored = dict(part.ignored)
+  assert ignored["decoder.0.weight"] == "outside the backbone"
+  assert ignored["layers.0.blocks.0.attn.relative_position_index"].startswith("derived")
+  assert not any("WARNING" in note for note in part.notes), part.notes
+  exported = mapping.to_torch({"params": _with_norm(part, n)},
+                              swin_v2_entries(target.backbone))
+  for k, v in fx.state_dict.items():
+    if any(t in k for t in pretrained.DERIVED_TABLES):
+      stage = int(k.split(".")[1])
+      window, pretrain = windows[stage], kwargs["pretrain_window_size"][stage]
+      want = (swin_v2_tables.relative_coords_table(window, pretrain) if "coords" in k
+              else swin_v2_tables.relative_position_index(window))
+      np.testing.assert_array_equal(exported[k], want, err_msg=k)
+      assert exported[k].shape != v.shape
+    elif not k.startswith("norm"):
+      np.testing.assert_array_equal(exported[k], v, err_msg=k)
+
+  # A config that scales offsets differently from pretraining is warned about.
+  wrong = [2 * p for p in kwargs["pretrain_window_size"]]
+  part = pretrained.import_part(file, "backbone", _ait_with_backbone(
+      {**kwargs, "window_size": windows, "pretrain_window_size": wrong}))
+  warnings = [note for note in part.notes if note.startswith("WARNING")]
+  assert len(warnings) == len(wrong)
+  assert f"pretrain window of {kwargs['pretrain_window_size'][0]}," in warnings[0]
+
+
+def _with_norm(part, n):
+  """The imported backbone parameters plus the `norm{n}` a SimMIM file does not have."""
+  params = mapping.unflatten(part.loaded)["model"]["params"]["backbone"]
+  dim = params["patch_embed"]["norm"]["scale"].shape[0] * 2 ** n
+  return {**params, f"norm{n}": {"scale": np.ones(dim, np.float32),
+                                 "bias": np.zeros(dim, np.float32)}}
+
+
+def test_mismatched_file_gets_one_error_listing_everything(tmp_path):
+  fx = _e2e_fixture()
+  cfg = _e2e_config(fx)
+  sd = dict(fx.state_dict)
+  del sd["transformer.proj.bias"]
+  sd["transformer.extra.weight"] = np.zeros(3, np.float32)
+  sd["backbone.norm3.weight"] = np.zeros(5, np.float32)
+  src = str(tmp_path / "bad.safetensors")
+  torch_files.write_safetensors(src, sd)
+  with pytest.raises(pretrained.IncompleteImport) as err:
+    convert.from_torch(cfg, [src], str(tmp_path / "wd"))
+  msg = str(err.value)
+  assert "missing keys (1): transformer.proj.bias" in msg
+  assert "unexpected keys (1): transformer.extra.weight" in msg
+  assert "shape mismatch: backbone.norm3.weight has (5,)" in msg
+  # With the flag, what fits is loaded and the rest listed (checked without writing).
+  target = convert.target_of(cfg)
+  part = pretrained.import_part(torch_files.read_state_dict(src), "ait", target)
+  combined = pretrained.combine([part], target)
+  pretrained.check(combined, allow_partial=True, what="it")
+  # transformer.proj.bias still came from the head's copy of the transformer.
+  assert part.missing == ["transformer.proj.bias"]
+  assert combined.not_loaded == ["backbone.norm3.weight"]
+
+
+def test_conflicts_and_disagreeing_values_fail_even_when_partial(tmp_path):
+  fx = _e2e_fixture()
+  target = convert.target_of(_e2e_config(fx))
+  src = str(tmp_path / "ait.safetensors")
+  torch_files.write_safetensors(src, fx.state_dict)
+  file = torch_files.read_state_dict(src)
+  both = pretrained.combine([pretrained.import_part(file, r, target)
+                             for r in ("ait", "backbone")], target)
+  with pytest.raises(pretrained.IncompleteImport, match="patch_embed.proj.weight is given "
+                     "by both"):
+    pretrained.check(both, allow_partial=True, what="it")
+  sd = dict(fx.state_dict)
+  sd["depth_head.transformer.outp_bias"] = sd["depth_head.transformer.outp_bias"] + 1
+  file = torch_files.StateDictFile("edited", sd, [])
+  part = pretrained.import_part(file, "ait", target)
+  with pytest.raises(pretrained.IncompleteImport, match="value mismatch: depth_head."
+                     "transformer.outp_bias: differs from transformer.outp_bias"):
+    pretrained.check(pretrained.combine([part], target), allow_partial=True, what="it")
+
+
+def test_vqvae_file_forms_and_roles(tmp_path):
+  found = [fx for fx in kind_fixtures() if fx.kind == "vqvae"]
+  if not found:
+    pytest.skip("no vqvae fixture")
+  fx = found[0]
+  entries = vqvae_entries(vqvae_from_reference_kwargs(fx.config["kwargs"], "ait"))
+  # The training script's layout: DDP keys under 'weights', and a stray codebook.
+  src = str(tmp_path / "vqvae.pt")
+  write_torch_zip(src, {"weights": {**{f"module.{k}": v for k, v in fx.state_dict.items()},
+                                    "module.codebook.weight": np.zeros((2, 2), np.float32)}})
+  file = torch_files.read_state_dict(src)
+  other = vqvae_entries(vqvae_from_reference_kwargs(
+      {**fx.config["kwargs"], "num_embeddings": 2 * fx.config["kwargs"]["num_embeddings"]},
+      "ait"))
+  target = pretrained.Target(entries + other, {"depth": entries, "insseg": other})
+  assert pretrained.detect_role(file, target) == "depth"  # the one it fits
+  part = pretrained.import_part(file, "depth", target)
+  assert part.complete and [k for k, _ in part.ignored] == ["codebook.weight"]
+  with pytest.raises(ValueError, match="fits none of this config's tokenizers"):
+    pretrained.detect_role(file, pretrained.Target(other + other,
+                                                   {"depth": other, "insseg": other}))
+
+
+# Full size. Full-size reference models through the reference file formats.
+# 
+# For every manifest fixture (the reference's full-size configs), zero weights of the
+# model's parameter shapes (the shapes `jax.eval_shape` gives the modules:
+# test_reference_parity's test_manifest checks the mapping covers them) are written as a
+# reference file and read back: the file holds exactly the manifest's keys, shapes and
+# dtypes, and importing it gives every parameter back bit for bit. With torch, a torch
+# module with the manifest's keys and shapes loads the state_dict with `strict=True`; for
+# the largest model it also goes through a `torch.save` file.
+# Manifests with identical layouts (e.g. a config and its `_wosoft` variant) share one
+# round trip.
+
+_DONE: set = set()  # layouts already round-tripped
+
+
+def _manifests() -> list:
+  return sorted(fixtures_dir().glob("manifest_*.json"))
+
+
+@functools.cache
+def _largest():
+  return max(_manifests(), key=lambda p: json.loads(p.read_text())["state_dict_numel"])
+
+
+def _target(manifest: dict) -> tuple[pretrained.Target, str]:
+  if "model_cfg" in manifest:
+    return pretrained.ait_target(ait_from_reference_config(manifest["model_cfg"])), "ait"
+  entries = vqvae_entries(vqvae_from_reference_kwargs(manifest["kwargs"], "ait"))
+  return pretrained.Target(entries, {"tokenizer": entries}), "tokenizer"
+
+
+@pytest.fixture
+def scratch(tmp_path):
+  """A directory in memory when the machine has one (the files are up to 1 GB)."""
+  shm = "/dev/shm"
+  if os.path.isdir(shm) and os.access(shm, os.W_OK):
+    path = os.path.join(shm, f"ait_jax_test_{os.getpid()}")
+    os.makedirs(path, exist_ok=True)
+    yield path
+    for name in os.listdir(path):
+      os.remove(os.path.join(path, name))
+    os.rmdir(path)
+  else:
+    yield str(tmp_path)
+
+
+@pytest.mark.parametrize("path", _manifests(), ids=lambda p: p.stem)
+def test_full_size_weights_round_trip_through_files(path, scratch):
+  manifest = json.loads(path.read_text())
+  layout = {k: (tuple(v["shape"]), v["dtype"]) for k, v in manifest["state_dict"].items()}
+  target, role = _target(manifest)
+  assert {e.torch_key: (e.torch_shape if isinstance(e, mapping.Param) else e.value.shape)
+          for e in target.entries} == {k: s for k, (s, _) in layout.items()}
+  signature = tuple(sorted(layout.items()))
+  if signature in _DONE:
+    return
+  zeros = {e.flax_path: np.zeros(e.flax_shape, np.float32) for e in target.entries
+           if isinstance(e, mapping.Param)}
+  sd = mapping.to_torch(mapping.unflatten(zeros), target.entries)
+  if torch_files.torch_available():
+    import torch  # pylint: disable=g-import-not-at-top
+    # `assign` puts the tensors into the shape-only (meta) module; keys and shapes are
+    # checked first.
+    convert_utils.module_tree(layout, torch, device="meta").load_state_dict(
+        {k: torch.from_numpy(v) for k, v in sd.items()}, strict=True, assign=True)
+  # Through the files: safetensors always, a torch file for the largest model.
+  stem = os.path.join(scratch, path.stem)
+  if path == _largest():
+    written = torch_files.write_state_dict(stem, sd)
+  else:
+    written = [stem + ".safetensors"]
+    torch_files.write_safetensors(written[0], sd)
+  del sd
+  file = torch_files.read_state_dict(written[0])
+  assert {k: (v.shape, str(v.dtype)) for k, v in file.state_dict.items()} == layout
+  part = pretrained.import_part(file, role, target)
+  assert part.complete and part.loaded.keys() == zeros.keys(), part.problems()
+  assert all(v.dtype == np.float32 and v.shape == zeros[p].shape and not np.any(v)
+             for p, v in part.loaded.items())
+  del file, part
+  if len(written) > 1:
+    import torch  # pylint: disable=g-import-not-at-top
+    loaded = torch.load(written[1], weights_only=True, mmap=True)
+    assert {k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in loaded.items()} == layout
+    convert_utils.module_tree(layout, torch, device="meta").load_state_dict(loaded, strict=True,
+                                                              assign=True)
+    del loaded
+  for file_path in written:
+    os.remove(file_path)
+  _DONE.add(signature)
+
+
+
+def _config_files() -> list:
+  """The configs in configs/ that have a manifest of the same name."""
+  return sorted(p for p in (REPO / "configs").glob("*.py")
+                if (fixtures_dir() / f"manifest_{p.stem}.json").exists())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_path", _config_files(), ids=lambda p: p.stem)
+def test_full_size_config_through_a_workdir(config_path, scratch):
+  """A full-size reference file -> the trainer's checkpoint -> the same file layout."""
+  cfg = trainer.load_config_file(str(config_path))
+  manifest = json.loads((fixtures_dir() / f"manifest_{config_path.stem}.json").read_text())
+  layout = {k: (tuple(v["shape"]), v["dtype"]) for k, v in manifest["state_dict"].items()}
+  target = convert.target_of(cfg)
+  zeros = {e.flax_path: np.zeros(e.flax_shape, np.float32) for e in target.entries
+           if isinstance(e, mapping.Param)}
+  src = os.path.join(scratch, "in.safetensors")
+  torch_files.write_safetensors(src, mapping.to_torch(mapping.unflatten(zeros),
+                                                      target.entries))
+  workdir = os.path.join(scratch, "workdir")
+  try:
+    convert.from_torch(cfg, [src], workdir)
+  except ValueError as e:
+    if "has no trainer yet" in str(e):
+      pytest.skip(str(e))
+    raise
+  written = convert.to_torch(cfg, workdir, os.path.join(scratch, "out"))
+  for path in written:
+    sd = torch_files.read_state_dict(path).state_dict
+    assert {k: (v.shape, str(v.dtype)) for k, v in sd.items()} == layout
+    assert not any(np.any(sd[k]) for k in sd if k not in {
+        e.torch_key for e in target.entries if isinstance(e, mapping.Buffer)})
+  shutil.rmtree(workdir)
+
+
+# --- configs/: the full-size experiment configs are the reference's models ---------------
+
+def _configs_with_manifest() -> list:
+  return sorted(p for p in (REPO / "configs").glob("*.py")
+                if (fixtures_dir() / f"manifest_{p.stem}.json").exists())
+
+
+def _plain(value):
+  """Tuples as lists, as JSON has them."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+@pytest.mark.parametrize("config_path", _configs_with_manifest(), ids=lambda p: p.stem)
+def test_config_is_the_reference_model(config_path):
+  """A config named like a manifest builds exactly the manifest's model (whose counts and
+  layout test_manifest checks), with the reference's vocabulary offsets."""
+  cfg = trainer.load_config_file(str(config_path))
+  manifest = json.loads((fixtures_dir() / f"manifest_{config_path.stem}.json").read_text())
+  if "model_cfg" in manifest:
+    assert _plain(cfg.model.to_dict()) == _plain(manifest["model_cfg"])
+    vocab_path = fixtures_dir() / "vocab_config.json"
+    configs = json.loads(vocab_path.read_text())["configs"] if vocab_path.exists() else {}
+    if config_path.stem in configs:
+      want = configs[config_path.stem]["transformer"]
+      got = ait_from_reference_config(cfg.model.to_dict()).model.transformer.vocab.offsets()
+      assert {k: want[k] for k in got} == got
+  else:
+    trained = vqvae_entries(vqvae_from_reference_kwargs(cfg.model.to_dict(), "train"))
+    wanted = {k: tuple(v["shape"]) for k, v in manifest["state_dict"].items()}
+    assert {e.torch_key: e.torch_shape for e in trained} == wanted
