@@ -1,14 +1,17 @@
 """Train, evaluate or predict with AiT or its tokenizers.
 
   python -m ait_jax.main --config configs/X.py --workdir DIR [--config.a.b=value ...]
-      [--mode train|eval|predict]
+      [--mode train|eval|predict] [--input PATH] [--output DIR]
 
 The workdir holds, in fixed places: `config.json` (the resolved config),
 `metrics.jsonl` (one JSON per logged step), `tensorboard/` (event files),
 `checkpoints/` (orbax; a run resumes from the latest), `eval/` (one JSON per
-evaluation, by step) and `predictions/` (predict mode). A stage-2 config whose
-tokenizer is missing and marked `train_if_missing` trains it first into
-`DIR/tokenizer_<task>/`.
+evaluation, by step) and `predictions/` (predict mode). Predict mode writes the
+test split's predictions, or with `--input` those of an image file or of a folder's
+.jpg/.png images (sorted, not recursive; any size, no ground truth), named by the
+images' stems, into `--output` (default DIR/predictions/); every process must see the
+images, only process 0 writes. A stage-2 config whose tokenizer is missing and marked
+`train_if_missing` trains it first into `DIR/tokenizer_<task>/`.
 
 Multi-host: every process runs this command. The coordinator comes from
 --coordinator/--num_processes/--process_id, from $AIT_COORDINATOR/...
@@ -24,6 +27,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+_INPUT = flags.DEFINE_string("input", None,
+                             "--mode predict: an image file or a folder of images to "
+                             "predict on, instead of the config's test split.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "--mode predict: where predictions go (default "
+                              "WORKDIR/predictions).")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
@@ -52,11 +61,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-  result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value,
+                       input_path=_INPUT.value, output=_OUTPUT.value)
   if _MODE.value == "eval" and jax.process_index() == 0:
     print(result)
   elif _MODE.value == "predict" and jax.process_index() == 0:
-    print(f"wrote {result} predictions under {_WORKDIR.value}/predictions")
+    print(f"wrote {result} predictions under "
+          f"{trainer.predictions_dir(_WORKDIR.value, _OUTPUT.value)}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ image and scores COCO box (and mask) AP with pycocotools on process 0.
 """
 
 import dataclasses
+import functools
+import json
 import os
 
 import jax
@@ -17,6 +19,7 @@ import numpy as np
 
 import input_pipeline as ip
 from ait_jax.evaluation import coco
+from ait_jax.evaluation import insseg_outputs
 from ait_jax.models.ait import AiT
 from ait_jax.models.transformer import DET_TASK, INSSEG_TASK
 from ait_jax.models.vqvae import VQVAE
@@ -188,3 +191,44 @@ class ObjectTask:
 
   def eval_batches(self) -> int:
     return self.task_cfg.eval_max_batches
+
+  # --- prediction on image files (--mode predict --input) -----------------------------
+
+  def image_input(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The model input of one uint8 image (H, W, 3) through the test pipeline
+    (keep-ratio resize, normalise, pad), and what maps predictions back to it."""
+    # Resolved on every process: the synthetic root is a collective, and only process 0
+    # writes.
+    self._categories  # pylint: disable=pointless-statement
+    record = {"image": image}
+    for op in ip.transforms_insseg.insseg_test_ops(tuple(self.task_cfg.image_size)):
+      record = op.map(record)
+    return record["image"], {k: record[k] for k in ("ori_shape", "scale_factor")}
+
+  def write_image_prediction(self, outdir: str, stem: str, image: np.ndarray,
+                             pred: dict, meta: dict) -> None:
+    """Overlay PNG and COCO JSON (`insseg_outputs`), boxes and masks at the image's
+    size. Detection has no masks: its JSON's segmentations are empty."""
+    if self.name == "insseg":
+      boxes, labels, masks = insseg.instances(
+          self.head_task, pred["tokens"], pred["scores"], pred["masks"],
+          meta["ori_shape"], meta["scale_factor"])
+    else:
+      boxes, labels = detection.detections(self.head_task, pred["tokens"], pred["scores"],
+                                           meta["scale_factor"])
+      masks = np.zeros((len(boxes),) + image.shape[:2], np.uint8)
+    names, ids = self._categories
+    insseg_outputs.write_instance_prediction(image, boxes[:, :4], labels, boxes[:, 4],
+                                             masks, names, outdir, stem, category_ids=ids)
+
+  @functools.cached_property
+  def _categories(self) -> tuple[list[str], list[int]]:
+    """(class names, category ids) of the test annotations when they are at hand,
+    else `class <label>` and the labels themselves."""
+    ann = os.path.join(self._root(), "annotations", "instances_val2017.json")
+    if os.path.exists(ann):
+      with open(ann) as f:
+        categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+      return [c["name"] for c in categories], [c["id"] for c in categories]
+    n = self.model.transformer.vocab.num_classes
+    return [f"class {i}" for i in range(n)], list(range(n))

@@ -22,6 +22,7 @@ from ait_jax.models.transformer import DEPTH_TASK
 from ait_jax.models.vqvae import VQVAE
 from ait_jax.parallel import distributed
 from ait_jax.tasks import depth as depth_lib
+from ait_jax.tasks import depth_outputs
 from ait_jax.train import data as data_lib
 
 # The reference DepthHead's defaults for keys a config may leave out.
@@ -189,6 +190,22 @@ class DepthTask:
         Image.fromarray(mm).save(os.path.join(outdir, f"{first_index + n:05d}.png"))
         n += 1
     return n
+
+  # --- prediction on image files (--mode predict --input) -----------------------------
+
+  def image_input(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The model input of one uint8 image (H, W, 3), as the test split feeds it: the
+    whole frame in [0, 1]; `predict` applies the test-time geometry and returns (H, W)."""
+    return ip.transforms_depth.ToFloat().map({"image": image})["image"], {}
+
+  def write_image_prediction(self, outdir: str, stem: str, image: np.ndarray,
+                             pred: np.ndarray, meta: dict) -> None:
+    """The three files of `depth_outputs.write_depth_prediction`, at the image's size."""
+    del meta
+    if pred.shape != image.shape[:2]:
+      raise ValueError(f"{stem}: depth {pred.shape} is not at the image's size "
+                       f"{image.shape[:2]}")
+    depth_outputs.write_depth_prediction(pred, outdir, stem)
 
 
 # --- stage 1: the tokenizers -------------------------------------------------------

@@ -20,7 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+
+from input_pipeline import sources_images
 
 from ait_jax.checkpoint.manager import Checkpointer, abstract_like
 from ait_jax.parallel import distributed, mesh as mesh_lib, sharding
@@ -147,6 +150,14 @@ class Evaluator:
                                     frozen_shardings, batch),
                       out_shardings=batch)
         for name in exp.tasks}
+    replicated = sharding.replicated(self.mesh)
+    self._predict_replicated = {
+        name: jax.jit(lambda params, extra, frozen, x, name=name: exp.predict(
+            name, params, extra, frozen, x),
+                      in_shardings=(factory.shardings.params, factory.shardings.extra,
+                                    frozen_shardings, replicated),
+                      out_shardings=replicated)
+        for name in exp.tasks}
 
   def _batches(self, task):
     _check_batch(self.exp.cfg, self.mesh, task.task_cfg.eval_batch_size,
@@ -189,6 +200,32 @@ class Evaluator:
         index += task.write_predictions(os.path.join(outdir, name), pred, batch, first)
       total += index
     return total
+
+
+  def predict_images(self, state, frozen, source, outdir: str) -> int:
+    """Writes each task's predictions of `source`'s images (an `ImageFileSource`) into
+    outdir (outdir/<task>/ when the config has several tasks), named by the images'
+    stems; returns the number of images written.
+
+    Images have any size, so they go one at a time (a compilation per new size). Every
+    process reads and computes every image, a batch of one replicated over the mesh, so
+    all run the same programs; only process 0 writes.
+    """
+    replicated = sharding.replicated(self.mesh)
+    for name, task in self.exp.tasks.items():
+      if not hasattr(task, "write_image_prediction"):
+        raise ValueError(f"task {name!r} cannot predict on image files")
+      taskdir = outdir if len(self.exp.tasks) == 1 else os.path.join(outdir, name)
+      for i, record in enumerate(source):
+        x, meta = task.image_input(record["image"])
+        x = x[None]
+        x = jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx])
+        out = self._predict_replicated[name](state.params, state.extra, frozen, x)
+        pred = jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[0], out)
+        if jax.process_index() == 0:
+          task.write_image_prediction(taskdir, record["stem"], record["image"], pred, meta)
+        logging.info("%s: %d/%d %s", name, i + 1, len(source), record["path"])
+    return len(source)
 
 
 def _input_key(batch: dict) -> str:
@@ -270,8 +307,12 @@ class Run:
       return self.factory.create()
     state, data_state = self.checkpointer.restore(
         step, self.factory.abstract_with_shardings(), with_data=data is not None)
-    if data is not None:
+    if data is not None and data_state:
       data.set_state(data_state)
+    elif data is not None:
+      # Weights converted from reference files (ait_jax.convert) carry no loader state.
+      logging.warning("the checkpoint of step %d holds no data-loader state (converted "
+                      "weights): the data pipeline starts from its beginning", step)
     logging.info("resumed from the checkpoint of step %d", step)
     return state
 
@@ -335,10 +376,12 @@ class Run:
     reporter.close()
     return metrics
 
-  def predict(self) -> int:
+  def predict(self, outdir: str, images=None) -> int:
+    """Predictions of the test split, or of `images` (an `ImageFileSource`)."""
     state = self._restore_latest()
-    return self.evaluator.predict(state, self.frozen,
-                                  os.path.join(self.workdir, PREDICTIONS_DIR))
+    if images is None:
+      return self.evaluator.predict(state, self.frozen, outdir)
+    return self.evaluator.predict_images(state, self.frozen, images, outdir)
 
   def _restore_latest(self) -> TrainState:
     step = self.checkpointer.latest_step()
@@ -417,10 +460,24 @@ def _finished(workdir: str, total_steps: int) -> bool:
     ckpt.close()
 
 
-def run(cfg, workdir: str, mode: str = "train"):
-  """The entry point's work: train, evaluate or predict in `workdir`."""
+def predictions_dir(workdir: str, output: str | None = None) -> str:
+  return output or os.path.join(workdir, PREDICTIONS_DIR)
+
+
+def run(cfg, workdir: str, mode: str = "train", *, input_path: str | None = None,
+        output: str | None = None):
+  """The entry point's work: train, evaluate or predict in `workdir`.
+
+  Predict writes into `output` (default workdir/predictions/): the test split's
+  predictions, or with `input_path` (an image file or a folder of them) those of the
+  images, no ground truth needed.
+  """
   if mode not in ("train", "eval", "predict"):
     raise ValueError(f"mode {mode!r} is not 'train', 'eval' or 'predict'")
+  if mode != "predict" and (input_path or output):
+    raise ValueError("an input and an output are for --mode predict only")
+  # Before the model is built: a bad input fails fast.
+  images = sources_images.ImageFileSource(input_path) if input_path else None
   os.makedirs(workdir, exist_ok=True)
   sources = prepare_tokenizers(cfg, workdir) if cfg.stage == "ait" else None
   start = time.time()
@@ -431,7 +488,7 @@ def run(cfg, workdir: str, mode: str = "train"):
     elif mode == "eval":
       return r.evaluate()
     else:
-      return r.predict()
+      return r.predict(predictions_dir(workdir, output), images)
   finally:
     r.close()
     logging.info("%s finished in %.1f s", mode, time.time() - start)
