@@ -31,10 +31,6 @@ REFERENCE_TOKENIZER_NAMES = {"vqvae_depth": "ait_depth_vqvae",
                              "vqvae_insseg": "ait_insseg_vqvae"}
 
 
-def _count(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
 def _abstract(module, *args):
   return nn.meta.unbox(jax.eval_shape(
       lambda: module.init(jax.random.key(0), *args)))
@@ -47,14 +43,6 @@ def _tokenizer_vars(tok):
 
 def _shapes(tree):
   return jax.tree.map(lambda x: tuple(x.shape), tree)
-
-
-def _plain(value):
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  return value
 
 
 def test_every_reference_config_exists():

@@ -56,6 +56,20 @@ def synthetic_root(data_cfg, workdir: str, layout: str) -> str:
   return os.path.join(base, "nyu_depth_v2" if layout == "nyu" else "coco")
 
 
+def coco_split(data_cfg, source_cfg, workdir: str, split: str,
+               what: str) -> tuple[str, str]:
+  """(instances JSON, image directory) of a COCO-layout source (`coco` or `synthetic`)
+  for split 'train' (train2017) or 'test' (val2017)."""
+  if source_cfg.kind == "synthetic":
+    root = synthetic_root(data_cfg, workdir, "coco")
+  elif source_cfg.kind == "coco":
+    root = source_cfg.root
+  else:
+    raise ValueError(f"{what} source kind {source_cfg.kind!r} is not 'coco' or 'synthetic'")
+  name = "train2017" if split == "train" else "val2017"
+  return os.path.join(root, "annotations", f"instances_{name}.json"), os.path.join(root, name)
+
+
 def nyu_source(source_cfg, data_cfg, workdir: str, split: str, load_image: bool = True):
   """An `NyuDepthSource` for a task's `source` config ('nyu' or 'synthetic')."""
   if source_cfg.kind == "synthetic":

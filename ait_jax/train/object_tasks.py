@@ -55,16 +55,9 @@ class ObjectTask:
   # --- data -----------------------------------------------------------------------
 
   def _source(self, split: str):
-    s = self.task_cfg.source
-    if s.kind == "synthetic":
-      root = data_lib.synthetic_root(self.cfg.data, self.workdir, "coco")
-    elif s.kind == "coco":
-      root = s.root
-    else:
-      raise ValueError(f"{self.name} source kind {s.kind!r} is not 'coco' or 'synthetic'")
-    name = "train2017" if split == "train" else "val2017"
-    ann = os.path.join(root, "annotations", f"instances_{name}.json")
-    return ip.CocoInstancesSource(ann, os.path.join(root, name), train=split == "train")
+    ann, images = data_lib.coco_split(self.cfg.data, self.task_cfg.source, self.workdir,
+                                      split, self.name)
+    return ip.CocoInstancesSource(ann, images, train=split == "train")
 
   def train_loader(self, shard: int) -> ip.Loader:
     t = self.task_cfg

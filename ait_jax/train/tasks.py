@@ -306,16 +306,9 @@ class MaskTokenizerTask:
     self.task_cfg = self.cfg.tasks.insseg
 
   def _source(self, split: str):
-    s = self.task_cfg.source
-    if s.kind == "synthetic":
-      root = data_lib.synthetic_root(self.cfg.data, self.workdir, "coco")
-    elif s.kind == "coco":
-      root = s.root
-    else:
-      raise ValueError(f"mask source kind {s.kind!r} is not 'coco' or 'synthetic'")
-    name = "train2017" if split == "train" else "val2017"
-    return ip.CocoMaskSource(f"{root}/annotations/instances_{name}.json",
-                             mask_size=self.model.mask_size)
+    ann, _ = data_lib.coco_split(self.cfg.data, self.task_cfg.source, self.workdir, split,
+                                 "mask")
+    return ip.CocoMaskSource(ann, mask_size=self.model.mask_size)
 
   def train_loader(self, shard: int) -> ip.Loader:
     return ip.make_mask_tokenizer_loader(
