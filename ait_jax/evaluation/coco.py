@@ -46,6 +46,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ait_jax.parallel import distributed
+
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
                  "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -218,23 +220,6 @@ def _from_json(d: dict) -> ImagePrediction:
                          np.asarray(d["labels"], np.int64), d["masks"])
 
 
-def _allgather_bytes(data: bytes, chunk_bytes: int) -> list[bytes]:
-  """Every process's `data`, in process order (a collective: all must call)."""
-  if len(data) >= 2**31:
-    raise ValueError(f"{len(data)} bytes of predictions in one process; the gather "
-                     "counts bytes in int32")
-  lengths = np.asarray(multihost_utils.process_allgather(
-      np.asarray([len(data)], np.int32))).reshape(-1)
-  size = int(lengths.max())
-  padded = np.zeros((size,), np.uint8)
-  padded[:len(data)] = np.frombuffer(data, np.uint8)
-  gathered = np.zeros((len(lengths), size), np.uint8)
-  for start in range(0, size, chunk_bytes):
-    chunk = multihost_utils.process_allgather(padded[start:start + chunk_bytes])
-    gathered[:, start:start + chunk_bytes] = np.asarray(chunk).reshape(len(lengths), -1)
-  return [bytes(row[:n]) for row, n in zip(gathered, lengths)]
-
-
 def gather_predictions(predictions: Sequence[ImagePrediction], *,
                        chunk_bytes: int = 1 << 26) -> list[ImagePrediction] | None:
   """Every process's predictions, in process order, on process 0; None elsewhere.
@@ -243,7 +228,7 @@ def gather_predictions(predictions: Sequence[ImagePrediction], *,
   come back as RLEs.
   """
   payload = json.dumps([_to_json(image_prediction(*p)) for p in predictions]).encode()
-  gathered = _allgather_bytes(payload, chunk_bytes)
+  gathered = distributed.allgather_bytes(payload, chunk_bytes)
   if jax.process_index() != 0:
     return None
   return [_from_json(d) for data in gathered for d in json.loads(data)]

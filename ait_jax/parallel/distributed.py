@@ -81,18 +81,31 @@ def sum_over_processes(values: np.ndarray) -> np.ndarray:
   return np.sum(multihost_utils.process_allgather(values), axis=0)
 
 
-def allgather_json(value) -> list:
-  """Every process's JSON-able `value`, in process order (all must call)."""
-  data = json.dumps(value).encode()
-  if jax.process_count() == 1:
-    return [value]
-  lengths = multihost_utils.process_allgather(np.asarray([len(data)], np.int32))
-  size = int(np.max(lengths))
+def allgather_bytes(data: bytes, chunk_bytes: int = 1 << 26) -> list[bytes]:
+  """Every process's `data`, in process order (a collective: all must call).
+
+  The bytes are zero-padded to the longest and all-gathered in chunks of
+  `chunk_bytes`, so no single collective is larger than that per process.
+  """
+  if len(data) >= 2**31:
+    raise ValueError(f"{len(data)} bytes in one process; the gather counts bytes in int32")
+  lengths = np.asarray(multihost_utils.process_allgather(
+      np.asarray([len(data)], np.int32))).reshape(-1)
+  size = int(lengths.max())
   padded = np.zeros((size,), np.uint8)
   padded[:len(data)] = np.frombuffer(data, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, size)
-  lengths = np.asarray(lengths).reshape(-1)
-  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
+  gathered = np.zeros((len(lengths), size), np.uint8)
+  for start in range(0, size, chunk_bytes):
+    chunk = multihost_utils.process_allgather(padded[start:start + chunk_bytes])
+    gathered[:, start:start + chunk_bytes] = np.asarray(chunk).reshape(len(lengths), -1)
+  return [bytes(row[:n]) for row, n in zip(gathered, lengths)]
+
+
+def allgather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order (all must call)."""
+  if jax.process_count() == 1:
+    return [value]
+  return [json.loads(data) for data in allgather_bytes(json.dumps(value).encode())]
 
 
 def barrier(name: str) -> None:
