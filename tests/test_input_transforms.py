@@ -59,6 +59,30 @@ def test_bilinear_constant_and_window():
   assert (resize.resize_bilinear(const, 13, 3) == 77).all()
 
 
+def test_halving_is_opencv_area_fast_path():
+  # OpenCV turns INTER_LINEAR into INTER_AREA for an exact 2x shrink on both axes:
+  # each output is its 2x2 block's mean, uint8 rounded half up.
+  image = np.array([[0, 1, 4, 4], [1, 0, 4, 5], [9, 9, 0, 0], [9, 9, 0, 1]], np.uint8)
+  np.testing.assert_array_equal(resize.resize_bilinear(image, 2, 2), [[1, 4], [9, 0]])
+  np.testing.assert_array_equal(resize.resize_bilinear(image, 2, 2, (1, 2, 0, 2)),
+                                [[9, 0]])
+  np.testing.assert_allclose(resize.resize_bilinear_float(image.astype(np.float32), 2, 2),
+                             [[0.5, 4.25], [9, 0.25]])
+
+
+def test_float_bilinear_matches_opencv_formula():
+  # 2x2 -> 4x4: taps at -0.25, 0.25, 0.75, 1.25 clamp to weights 0, .25, .75, 1.
+  ramp = np.array([[0, 1], [2, 3]], np.float32)
+  weights = np.array([0, 0.25, 0.75, 1], np.float32)
+  want = 2 * weights[:, None] + weights[None, :]
+  np.testing.assert_allclose(resize.resize_bilinear_float(ramp, 4, 4), want, atol=1e-7)
+  # Shrinking a linear ramp 6x10 -> 4x4 samples it at the half-pixel centres.
+  grid = np.arange(6, dtype=np.float32)[:, None] * 10 + np.arange(10)[None, :]
+  out = resize.resize_bilinear_float(grid, 4, 4)
+  rows, cols = (np.arange(4) + 0.5) * 1.5 - 0.5, (np.arange(4) + 0.5) * 2.5 - 0.5
+  np.testing.assert_allclose(out, rows[:, None] * 10 + cols[None, :], atol=1e-5)
+
+
 def test_nearest_is_opencv_floor_rule():
   np.testing.assert_array_equal(resize.nearest_indices(4, 8, 0, 8),
                                 [0, 0, 1, 1, 2, 2, 3, 3])
