@@ -18,6 +18,9 @@ Sources (grain random-access: `len(source)`, `source[i]` -> record dict):
       COCO images, boxes, labels, crowd flags, polygon/RLE masks.
   CocoMaskSource(ann_file, *, mask_size=64)
       box-cropped binary instance masks for the mask tokenizer ("maskcoco").
+  CocoMaskEvalSource(ann_file, *, mask_size=64)
+      every annotation's crop as the reference's mask-AP evaluation of that
+      tokenizer makes it, with its integer box, class and image size.
 
 Loaders (`LoaderOptions(global_batch_size, seed=0, num_epochs=None,
 worker_count=0, worker_buffer_size=2, read_threads=1, read_buffer_size=2,
@@ -71,6 +74,7 @@ from input_pipeline.pipelines import make_depth_tokenizer_loader
 from input_pipeline.pipelines import make_insseg_loader
 from input_pipeline.pipelines import make_mask_tokenizer_loader
 from input_pipeline.sources_coco import CocoInstancesSource
+from input_pipeline.sources_coco import CocoMaskEvalSource
 from input_pipeline.sources_coco import CocoMaskSource
 from input_pipeline.sources_nyu import NyuDepthSource
 from input_pipeline.sources_tfds import TfdsCocoInstancesSource

@@ -10,7 +10,8 @@ transforms drop them, as mmdet's training pipeline does).
 `CocoMaskSource` is the instance-mask tokenizer's data (the reference's
 preprocessed "maskcoco"), made on the fly: each non-crowd annotation's mask,
 cropped to its box and resized to `mask_size` the way the reference head makes
-its targets (`ait_jax.tasks.masks.crop_masks`).
+its targets (`ait_jax.tasks.masks.crop_masks`). `CocoMaskEvalSource` makes the
+crops of the reference's mask-AP evaluation of that tokenizer (`vae/utils/eval_coco.py`).
 
 The COCO index is loaded once per process (workers reload it from the JSON
 rather than receive a pickled copy).
@@ -25,6 +26,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from input_pipeline import image_io
+from input_pipeline import resize
 from ait_jax.tasks.masks import crop_masks
 from input_pipeline import masks as masks_lib
 from input_pipeline.errors import DataError
@@ -197,3 +199,60 @@ class CocoMaskSource(_CocoBase):
 
   def __repr__(self) -> str:
     return f"CocoMaskSource({self.ann_file!r}, {len(self)} masks)"
+
+
+class CocoMaskEvalSource(_CocoBase):
+  """Every annotation's mask as the reference evaluates the instance-mask tokenizer.
+
+  The reference rounds the box to integers (`x1, y1, x2, y2`, Python `round`), crops
+  the full mask there, resizes it to `mask_size` with OpenCV's bilinear kernel, and
+  later pastes the reconstruction back into that box (`ait_jax.evaluation.
+  mask_tokenizer`); annotations whose box is under 2 px on a side get no
+  reconstruction, and crowd annotations are included. Boxes are clipped to the image
+  here (the reference would fail on one that leaves it).
+
+  Records: `mask` uint8 (S, S) in {0, 1} (zeros without a crop), `box` int32 (4,),
+  `has_crop` bool, `label` int32 (contiguous class), `image_id`, `ann_id` int64,
+  `image_size` int32 (height, width).
+  """
+
+  def __init__(self, ann_file: str, *, mask_size: int = 64):
+    super().__init__(ann_file)
+    self.mask_size = mask_size
+    self.ann_ids = [a["id"] for a in self.coco.anns.values()
+                    if a["image_id"] in self.coco.imgs]
+    if not self.ann_ids:
+      raise DataError(f"{ann_file}: no instance annotations")
+
+  def __len__(self) -> int:
+    return len(self.ann_ids)
+
+  def __getitem__(self, index: int) -> dict:
+    ann = self.coco.anns[self.ann_ids[index]]
+    info = self.coco.imgs[ann["image_id"]]
+    height, width = int(info["height"]), int(info["width"])
+    where = self._where(ann)
+    if ann["category_id"] not in self.cat_to_label:
+      raise DataError(f"{where}: category {ann['category_id']} is not in the "
+                      "categories")
+    box = np.asarray(ann.get("bbox", []), np.float64)
+    if box.shape != (4,) or not np.isfinite(box).all():
+      raise DataError(f"{where}: bbox {ann.get('bbox')} is not 4 finite numbers")
+    x, y, w, h = (float(v) for v in box)
+    x1, x2 = (min(max(round(v), 0), width) for v in (x, x + w))
+    y1, y2 = (min(max(round(v), 0), height) for v in (y, y + h))
+    s = self.mask_size
+    has_crop = x2 - x1 >= 2 and y2 - y1 >= 2
+    if has_crop:
+      full = masks_lib.annotation_mask(ann.get("segmentation"), height, width, where)
+      crop = resize.resize_bilinear(np.ascontiguousarray(full[y1:y2, x1:x2]), s, s)
+    else:
+      crop = np.zeros((s, s), np.uint8)
+    return {"mask": crop, "box": np.array([x1, y1, x2, y2], np.int32),
+            "has_crop": np.bool_(has_crop),
+            "label": np.int32(self.cat_to_label[ann["category_id"]]),
+            "image_id": np.int64(ann["image_id"]), "ann_id": np.int64(ann["id"]),
+            "image_size": np.array([height, width], np.int32), "_origin": where}
+
+  def __repr__(self) -> str:
+    return f"CocoMaskEvalSource({self.ann_file!r}, {len(self)} annotations)"

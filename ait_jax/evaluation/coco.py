@@ -208,6 +208,24 @@ def evaluate(predictions: Sequence[ImagePrediction], ground_truth,
 
 # --- several processes -------------------------------------------------------------
 
+def merge_images(predictions: Sequence[ImagePrediction]) -> list[ImagePrediction]:
+  """One prediction per image: the parts of each image joined, in first-seen order."""
+  parts: dict[int, list[ImagePrediction]] = {}
+  for p in predictions:
+    parts.setdefault(p.image_id, []).append(image_prediction(*p))
+  merged = []
+  for image_id, ps in parts.items():
+    with_masks = [p.masks is not None for p in ps]
+    if any(with_masks) and not all(with_masks):
+      raise ValueError(f"image {image_id}: some parts have masks and some do not")
+    masks = [m for p in ps for m in p.masks] if all(with_masks) else None
+    merged.append(ImagePrediction(
+        image_id, np.concatenate([p.boxes for p in ps]),
+        np.concatenate([p.scores for p in ps]),
+        np.concatenate([p.labels for p in ps]), masks))
+  return merged
+
+
 def _to_json(p: ImagePrediction) -> dict:
   return {"image_id": p.image_id, "boxes": p.boxes.tolist(), "scores": p.scores.tolist(),
           "labels": p.labels.tolist(), "masks": p.masks}
@@ -251,19 +269,22 @@ def evaluation_dir(out_dir, step: int) -> Path:
 class CocoEvaluator:
   """Collects this process's predictions, then evaluates them all on process 0.
 
-  `add` once per image (masks are compressed at once); `evaluate` is a collective
-  that every process calls once (see the module docstring). The ground truth is
-  loaded on process 0 only, when it is first needed.
+  `add` once per image (masks are compressed at once), or, with `partial_images`,
+  any number of times per image from any process (the parts are joined before
+  evaluating); `evaluate` is a collective that every process calls once (see the
+  module docstring). The ground truth is loaded on process 0 only, when it is first
+  needed.
   """
 
   def __init__(self, ground_truth, *, iou_types: Sequence[str] = IOU_TYPES,
-               chunk_bytes: int = 1 << 26):
+               chunk_bytes: int = 1 << 26, partial_images: bool = False):
     bad = [t for t in iou_types if t not in IOU_TYPES]
     if bad or not iou_types:
       raise ValueError(f"iou_types {list(iou_types)} must be among {IOU_TYPES}")
     self.ground_truth = ground_truth
     self.iou_types = tuple(iou_types)
     self.chunk_bytes = chunk_bytes
+    self.partial_images = partial_images
     self.predictions: list[ImagePrediction] = []
 
   @property
@@ -291,6 +312,8 @@ class CocoEvaluator:
     values, error = None, None
     if everything is not None:
       try:
+        if self.partial_images:
+          everything = merge_images(everything)
         metrics, summaries = evaluate(everything, self._gt(), self.iou_types)
         if out_dir is not None:
           self._write(everything, metrics, summaries, evaluation_dir(out_dir, step), step)

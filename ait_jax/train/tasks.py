@@ -17,6 +17,7 @@ import numpy as np
 
 import input_pipeline as ip
 from ait_jax.evaluation import depth_metrics
+from ait_jax.evaluation import mask_tokenizer
 from ait_jax.models.ait import AiT
 from ait_jax.models.transformer import DEPTH_TASK
 from ait_jax.models.vqvae import VQVAE
@@ -305,19 +306,23 @@ class MaskTokenizerTask:
   def __post_init__(self):
     self.task_cfg = self.cfg.tasks.insseg
 
-  def _source(self, split: str):
+  def _annotations(self, split: str) -> str:
     ann, _ = data_lib.coco_split(self.cfg.data, self.task_cfg.source, self.workdir, split,
                                  "mask")
-    return ip.CocoMaskSource(ann, mask_size=self.model.mask_size)
+    return ann
 
   def train_loader(self, shard: int) -> ip.Loader:
     return ip.make_mask_tokenizer_loader(
-        self._source("train"), train=True, options=data_lib.loader_options(
+        ip.CocoMaskSource(self._annotations("train"), mask_size=self.model.mask_size),
+        train=True, options=data_lib.loader_options(
             self.cfg.data, self.task_cfg.batch_size, shard, self.cfg.seed))
 
   def eval_loader(self, shard: int) -> ip.Loader:
+    """The reference's evaluation crops of every test annotation (see
+    `ait_jax.evaluation.mask_tokenizer`)."""
     return ip.make_mask_tokenizer_loader(
-        self._source("test"), train=False, options=data_lib.loader_options(
+        ip.CocoMaskEvalSource(self._annotations("test"), mask_size=self.model.mask_size),
+        train=False, options=data_lib.loader_options(
             self.cfg.data, self.task_cfg.eval_batch_size, shard, self.cfg.seed))
 
   def example_batch(self, batch_size: int) -> dict:
@@ -336,25 +341,17 @@ class MaskTokenizerTask:
 
   def predict(self, params, extra, masks):
     out = self.model.apply({"params": params, **extra}, masks[..., 0].astype(jnp.float32))
-    return {"recon": out.out, "tokens": out.tokens, "target": masks[..., 0]}
+    return {"recon": out.out, "tokens": out.tokens}
 
   def eval_start(self):
-    return (MeanAccumulator(("recon_mse", "mask_iou")),
-            np.zeros(self.model.num_embeddings, np.int64))
+    return mask_tokenizer.MaskTokenizerEvaluator(self._annotations("test"),
+                                                 self.model.num_embeddings)
 
   def eval_update(self, acc, pred: dict, batch: dict) -> None:
-    means, usage = acc
-    for recon, target, tokens, valid in zip(pred["recon"], pred["target"], pred["tokens"],
-                                            batch["valid"]):
-      if not valid:
-        continue
-      fg, want = recon > 0.5, target > 0.5
-      union = np.sum(fg | want)
-      means.add({"recon_mse": float(np.mean((recon - target) ** 2)),
-                 "mask_iou": float(np.sum(fg & want) / union) if union else 1.0})
-      np.add.at(usage, tokens, 1)
+    acc.add(pred["recon"], pred["tokens"], batch)
 
-  eval_result = DepthTokenizerTask.eval_result
+  def eval_result(self, acc) -> dict:
+    return acc.result()
 
   def eval_batches(self) -> int:
     return self.task_cfg.eval_max_batches
