@@ -79,3 +79,17 @@ def test_no_detections(tmp_path):
   np.testing.assert_array_equal(np.asarray(Image.open(paths.overlay_png)), image)
   with open(paths.results_json) as f:
     assert json.load(f) == []
+
+
+def test_detections_without_masks(tmp_path):
+  image, boxes, labels, scores, _ = _scene()
+  paths = outputs.write_instance_prediction(image, boxes, labels, scores, None, NAMES,
+                                            tmp_path, "det", 0.3)
+  picture = np.asarray(Image.open(paths.overlay_png))
+  np.testing.assert_array_equal(picture[45, 20], PIXEL)  # no mask blended in
+  np.testing.assert_array_equal(picture[50, 50], outputs.class_color(2))  # the outline
+  with open(paths.results_json) as f:
+    results = json.load(f)
+  assert [r["category_id"] for r in results] == [2, 0, 1]
+  assert all("segmentation" not in r for r in results)
+  assert results[0]["bbox"] == pytest.approx([10, 20, 40, 35])

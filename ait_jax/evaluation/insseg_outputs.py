@@ -6,7 +6,10 @@ Per image two files:
   (`MASK_ALPHA`), its box outline and a `name score` label;
 * `{stem}_instances.json`, COCO results of all detections, whatever their score (a
   threshold would bias AP): `image_id`, `category_id`, `bbox` `x, y, w, h`, `score`
-  and `segmentation` as compressed RLE, as `ait_jax.evaluation.coco` writes them.
+  and, with masks, `segmentation` as compressed RLE, as `ait_jax.evaluation.coco`
+  writes them.
+
+Detection has no masks (`masks=None`): boxes and labels only.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def class_color(label: int) -> tuple[int, int, int]:
 
 def overlay(image, boxes, labels, scores, masks, class_names: Sequence[str],
             score_threshold: float = 0.3) -> np.ndarray:
-  """(H, W, 3) uint8: the detections scored >= `score_threshold` drawn on `image`.
+  """(H, W, 3) uint8: the detections scored >= `score_threshold` drawn on `image`
+  (`masks` may be None).
 
   Each mask pixel becomes `(1 - MASK_ALPHA) * pixel + MASK_ALPHA * colour`, mask
   after mask from the weakest detection to the strongest, rounded at the end; boxes
@@ -56,7 +60,7 @@ def overlay(image, boxes, labels, scores, masks, class_names: Sequence[str],
   scores = np.asarray(scores, np.float32).reshape(-1)
   shown = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_threshold]
   canvas = image.astype(np.float64)
-  for i in shown:
+  for i in shown if masks is not None else ():
     inside = np.asarray(masks[i]) >= 0.5
     canvas[inside] = (1 - MASK_ALPHA) * canvas[inside] + MASK_ALPHA * np.asarray(
         class_color(labels[i]), np.float64)
@@ -87,17 +91,20 @@ def write_instance_prediction(image, boxes, labels, scores, masks,
 
   `image` (H, W, 3) uint8 original image; `boxes` (N, >=4) `x1, y1, x2, y2` pixels
   of it; `labels` (N,) 0-based classes named by `class_names`; `scores` (N,);
-  `masks` (N, H, W) binary. The JSON's `category_id` is `category_ids[label]`
+  `masks` (N, H, W) binary or None. The JSON's `category_id` is `category_ids[label]`
   (e.g. `coco.category_ids(ground_truth)`), the label itself without them.
   """
   image = np.asarray(image)
   boxes = np.asarray(boxes, np.float32)
   boxes = boxes[:, :4] if boxes.ndim == 2 else boxes.reshape(-1, 4)
-  masks = np.asarray(masks).reshape(-1, *image.shape[:2])
+  if masks is not None:
+    masks = np.asarray(masks).reshape(-1, *image.shape[:2])
   pred = coco.image_prediction(image_id, boxes, scores, labels, masks)
   ids = list(range(len(class_names))) if category_ids is None else list(category_ids)
-  results = [{**box, "segmentation": segm["segmentation"]} for box, segm in zip(
-      coco.coco_results([pred], ids, "bbox"), coco.coco_results([pred], ids, "segm"))]
+  results = coco.coco_results([pred], ids, "bbox")
+  if masks is not None:
+    results = [{**box, "segmentation": segm["segmentation"]} for box, segm in zip(
+        results, coco.coco_results([pred], ids, "segm"))]
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = InstanceOutputPaths(out_dir / f"{stem}_instances.png",

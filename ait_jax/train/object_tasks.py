@@ -201,7 +201,7 @@ class ObjectTask:
   def write_image_prediction(self, outdir: str, stem: str, image: np.ndarray,
                              pred: dict, meta: dict) -> None:
     """Overlay PNG and COCO JSON (`insseg_outputs`), boxes and masks at the image's
-    size. Detection has no masks: its JSON's segmentations are empty."""
+    size (detection: boxes only)."""
     if self.name == "insseg":
       boxes, labels, masks = insseg.instances(
           self.head_task, pred["tokens"], pred["scores"], pred["masks"],
@@ -209,7 +209,7 @@ class ObjectTask:
     else:
       boxes, labels = detection.detections(self.head_task, pred["tokens"], pred["scores"],
                                            meta["scale_factor"])
-      masks = np.zeros((len(boxes),) + image.shape[:2], np.uint8)
+      masks = None
     names, ids = self._categories
     insseg_outputs.write_instance_prediction(image, boxes[:, :4], labels, boxes[:, 4],
                                              masks, names, outdir, stem, category_ids=ids)
