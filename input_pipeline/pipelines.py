@@ -105,8 +105,8 @@ def make_mask_tokenizer_loader(source, *, train: bool,
                                options: LoaderOptions) -> Loader:
   """Instance-mask VQ-VAE (`CocoMaskSource`): `mask` (B, S, S, 1) in {0, 1}.
 
-  Also `box`, `image_id`, `ann_id` (and `valid` in evaluation), to paste
-  reconstructions back for mask AP.
+  Also the source's other keys (`box`, `image_id`, ...; `CocoMaskEvalSource`
+  adds what pastes reconstructions back for mask AP), and `valid` in evaluation.
   """
   ops = [transforms_common.AddChannel(["mask"])]
   return make_loader(source, ops, train=train, options=options,

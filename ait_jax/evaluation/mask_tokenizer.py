@@ -41,8 +41,9 @@ class MaskTokenizerEvaluator:
       if not valid:
         continue
       image_id, label = int(batch["image_id"][i]), int(batch["label"][i])
+      h, w = (int(v) for v in batch["image_size"][i])
       if not batch["has_crop"][i]:  # No reconstruction: the object counts as missed.
-        self.coco.add(image_id, np.zeros((0, 4)), [], [], np.zeros((0, 1, 1)))
+        self.coco.add(image_id, np.zeros((0, 4)), [], [], np.zeros((0, h, w)))
         continue
       target = batch["mask"][i].reshape(recon[i].shape).astype(np.float32)
       fg, want = recon[i] >= 0.5, target >= 0.5
@@ -50,7 +51,6 @@ class MaskTokenizerEvaluator:
       self.sums += [np.mean((recon[i] - target) ** 2),
                     np.sum(fg & want) / union if union else 1.0, 1]
       np.add.at(self.usage, tokens[i], 1)
-      h, w = (int(v) for v in batch["image_size"][i])
       self.coco.add(image_id, batch["box"][i][None], [1.0], [label],
                     paste_reconstruction(recon[i], batch["box"][i], h, w)[None])
 
