@@ -283,3 +283,23 @@ def test_two_processes_gather_to_process_zero(tmp_path):
     assert sorted({r["image_id"] for r in json.load(f)}) == [1, 2]  # 3 has no objects
   with open(directory / "coco_metrics.json") as f:
     assert json.load(f)["num_images"] == 3
+
+
+def test_parts_of_an_image_are_joined(tmp_path):
+  """`partial_images`: an image's objects added one at a time score as if added
+  together."""
+  gt = _write_gt(tmp_path / "gt.json", OBJECTS, image_ids=(1, 2))
+  whole = [_predict(i, [(c, b) for j, c, b in OBJECTS if j == i], [0.9, 0.5, 0.7][:n])
+           for i, n in ((1, 3), (2, 2))]
+  evaluator = coco.CocoEvaluator(gt, partial_images=True)
+  for p in whole:
+    for k in range(len(p.labels)):
+      evaluator.add(p.image_id, p.boxes[k:k + 1], p.scores[k:k + 1], p.labels[k:k + 1],
+                    [p.masks[k]])
+  merged = coco.merge_images(evaluator.predictions)
+  assert [p.image_id for p in merged] == [1, 2]
+  np.testing.assert_array_equal(merged[0].labels, whole[0].labels)
+  assert merged[0].masks == whole[0].masks
+  assert evaluator.evaluate() == coco.evaluate(whole, gt)[0]
+  with pytest.raises(ValueError, match="some parts have masks"):
+    coco.merge_images([whole[0], whole[0]._replace(masks=None)])
