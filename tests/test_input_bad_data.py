@@ -186,6 +186,25 @@ def test_nan_box_and_image_size_mismatch(data):
   masks = ip.CocoMaskSource(ann_file)
   with pytest.raises(DataError, match="not 4 finite numbers"):
     masks[masks.ann_ids.index(content["annotations"][0]["id"])]
+  evaluation = ip.CocoMaskEvalSource(ann_file)
+  where = f"annotation {content['annotations'][0]['id']}: bbox .* not 4 finite numbers"
+  with pytest.raises(DataError, match=where):
+    evaluation[evaluation.ann_ids.index(content["annotations"][0]["id"])]
+
+
+def test_mask_eval_source_names_bad_annotations(data):
+  ann_file, _ = _coco(data)
+
+  def corrupt(content):
+    content["annotations"][0]["category_id"] = 999
+    content["annotations"][1]["segmentation"] = []
+  content = _edit_annotations(ann_file, corrupt)
+  source = ip.CocoMaskEvalSource(ann_file)
+  first, second = (source.ann_ids.index(a["id"]) for a in content["annotations"][:2])
+  with pytest.raises(DataError, match="category 999 is not in the categories"):
+    source[first]
+  with pytest.raises(DataError, match="empty polygon list"):
+    source[second]
 
 
 def test_missing_list_and_annotation_files(tmp_path):
