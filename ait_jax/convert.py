@@ -149,9 +149,13 @@ def tokenizer_file(workdir: str, task: str) -> str:
 
 # --- to-torch -----------------------------------------------------------------------
 
-def to_torch(cfg, workdir: str, out: str, *, step: int | None = None,
-             vqvae: str | None = None, allow_partial: bool = False) -> list[str]:
-  """Writes the workdir's weights as a reference state_dict; returns the files."""
+def workdir_state_dict(cfg, workdir: str, *, step: int | None = None,
+                       vqvae: str | None = None, allow_partial: bool = False,
+                       model_only: bool = False) -> tuple[dict, int, list[str]]:
+  """(reference state_dict, step, keys left out) of the workdir's weights.
+
+  `vqvae` keeps one tokenizer only; `model_only` leaves the tokenizers out.
+  """
   wd = Workdir(cfg, workdir)
   target = target_of(cfg)
   state, step = wd.restore(step)
@@ -166,19 +170,38 @@ def to_torch(cfg, workdir: str, out: str, *, step: int | None = None,
                        f"{target.tokenizer_roles}")
     variables = {"model": {"params": params}, "tokenizers": {}}
     for task, tokenizer in target.tokenizers.items():
-      source = _tokenizer_source(cfg, workdir, task)
+      source = None if model_only else _tokenizer_source(cfg, workdir, task)
       if vqvae in (None, task) and source is not None:
         variables["tokenizers"][task] = experiment_lib.load_tokenizer(source, tokenizer,
                                                                       wd.mesh)
     entries = target.entries if vqvae is None else target.parts[vqvae]
+    if model_only:
+      entries = [e for e in entries if ".vqvae." not in e.torch_key]
   entries, left_out = _available(entries, variables, allow_partial, workdir)
-  sd = mapping.to_torch(variables, entries)
+  return mapping.to_torch(variables, entries), step, left_out
+
+
+def to_torch(cfg, workdir: str, out: str, *, step: int | None = None,
+             vqvae: str | None = None, allow_partial: bool = False) -> list[str]:
+  """Writes the workdir's weights as a reference state_dict; returns the files."""
+  sd, step, left_out = workdir_state_dict(cfg, workdir, step=step, vqvae=vqvae,
+                                          allow_partial=allow_partial)
   written = torch_files.write_state_dict(out, sd, metadata={
       "ait_jax_workdir": os.path.abspath(workdir), "ait_jax_step": str(step)})
   print(f"wrote {len(sd)} tensors of step {step} to {', '.join(written)}")
   if left_out:
     print(f"left out ({len(left_out)}, not in the workdir): {', '.join(left_out)}")
   return written
+
+
+def workdir_file(workdir: str) -> torch_files.StateDictFile:
+  """The latest AiT weights (no tokenizers) of an ait-jax stage-2 workdir, as a
+  reference state_dict (`config.init.model` may name a workdir)."""
+  cfg = trainer.read_config(workdir)
+  if cfg.stage != "ait":
+    raise ValueError(f"{workdir} trains a tokenizer, not AiT")
+  sd, step, _ = workdir_state_dict(cfg, workdir, model_only=True)
+  return torch_files.StateDictFile(workdir, sd, [f"step {step} of the ait-jax workdir"])
 
 
 def _available(entries, variables, allow_partial: bool, workdir: str):

@@ -6,7 +6,8 @@ The backbone starts from the reference's `swin_v2_base_densesimmim.pth` converte
 .npz (--config.init.backbone=PATH). The reference trains with fp16 autocast; here the
 compute dtype is bfloat16 with float32 parameters.
 The reference starts from `load_from = 'ait_det_swinv2b_wodec.pth'`: pass it
-converted to .npz as --config.init.model=PATH.
+(or the workdir of configs/swinv2b_640reso_detonly.py trained here) as
+--config.init.model=PATH.
 """
 
 from ait_jax.train import config_base

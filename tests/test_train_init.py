@@ -38,3 +38,30 @@ def test_backbone_and_tokenizer_from_reference_files(tmp_path):
       np.asarray(run.frozen["depth"]["vq"]["quantizer"]["embedding"]),
       tok["_vq_vae._embedding"])
   run.close()
+
+
+def test_model_from_an_ait_jax_workdir(tmp_path):
+  """config.init.model may name a stage-2 workdir (e.g. detection before instance
+  segmentation): its latest weights replace the seed's initialisation."""
+  workspace = testing.make_workspace(str(tmp_path))
+  cfg = trainer.load_config_file(testing.TINY_CONFIG)
+  with cfg.unlocked():
+    cfg.update_from_flattened_dict({"data.synthetic_dir": workspace["data"],
+                                    "tokenizers.depth.checkpoint": workspace["tokenizer"]})
+  pretrained_dir = str(tmp_path / "pretrained")
+  run = trainer.Run(cfg, pretrained_dir)
+  want = run.factory.create()
+  trainer.write_config(cfg, pretrained_dir)
+  run.checkpointer.save(5, want, {})
+  run.checkpointer.wait_until_finished()
+  run.close()
+  with cfg.unlocked():
+    cfg.seed += 1  # a different initialisation, unless the workdir's weights replace it
+    cfg.init.model = pretrained_dir
+  run = trainer.Run(cfg, str(tmp_path / "run"))
+  got = run.factory.create()
+  run.close()
+  pairs = list(zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)))
+  assert len(pairs) == len(jax.tree.leaves(want.params))
+  for g, w in pairs:
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

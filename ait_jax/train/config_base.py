@@ -84,9 +84,9 @@ def ait_config() -> ml_collections.ConfigDict:
       # A reference SwinV2 state_dict (.npz/.safetensors, e.g. the converted
       # swin_v2_base_densesimmim.pth) for the backbone.
       backbone="",
-      # A reference AiT state_dict (the reference's `load_from`) for all parameters
-      # it holds whose shapes match (an ait-jax workdir: `ait_jax.convert to-torch`
-      # it first), e.g. a detection model to start instance segmentation from.
+      # A reference AiT state_dict (the reference's `load_from`) or an ait-jax AiT
+      # workdir (its latest checkpoint), for all parameters it holds whose shapes
+      # match, e.g. a detection model to start instance segmentation from.
       model=""))
   c.optimizer.update(grad_clip_norm=10.0, no_decay_names=NO_DECAY_NAMES)
   return c

@@ -41,10 +41,16 @@ def compute_dtype(cfg):
 
 
 def _import(path: str, role: str, target) -> "pretrained.PartImport":
-  """One reference weights file (.pth/.pt, .npz, .safetensors) as part `role`."""
+  """One reference weights file (.pth/.pt, .npz, .safetensors), or an ait-jax AiT
+  workdir's latest weights, as part `role`."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such weights file")
-  part = pretrained.import_part(torch_files.read_state_dict(path), role, target)
+    raise FileNotFoundError(f"{path}: no such weights file or workdir")
+  if os.path.isdir(path):
+    from ait_jax import convert  # pylint: disable=g-import-not-at-top (it imports this)
+    file = convert.workdir_file(path)
+  else:
+    file = torch_files.read_state_dict(path)
+  part = pretrained.import_part(file, role, target)
   for problem in part.problems():
     logging.warning("%s (as %s): %s", path, role, problem)
   return part
