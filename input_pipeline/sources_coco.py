@@ -56,12 +56,17 @@ class _CocoBase:
     state.pop("coco", None)
     return state
 
-  def _usable(self, ann: dict, height: int, width: int) -> bool:
-    """mmdet `_parse_ann_info`'s filters (raises on a non-finite box)."""
+  def _box(self, ann: dict) -> np.ndarray:
+    """The annotation's `x, y, w, h` (raises unless 4 finite numbers)."""
     box = np.asarray(ann.get("bbox", []), np.float64)
     if box.shape != (4,) or not np.isfinite(box).all():
       raise DataError(f"{self._where(ann)}: bbox {ann.get('bbox')} is not 4 "
                       "finite numbers")
+    return box
+
+  def _usable(self, ann: dict, height: int, width: int) -> bool:
+    """mmdet `_parse_ann_info`'s filters (raises on a non-finite box)."""
+    box = self._box(ann)
     if ann.get("ignore", False):
       return False
     x, y, w, h = box
@@ -154,7 +159,21 @@ class CocoInstancesSource(_CocoBase):
     return f"CocoInstancesSource({self.ann_file!r}, {len(self)} images)"
 
 
-class CocoMaskSource(_CocoBase):
+class _CocoAnnotationSource(_CocoBase):
+  """One record per annotation id in `self.ann_ids`."""
+  ann_ids: list[int]
+
+  def __len__(self) -> int:
+    return len(self.ann_ids)
+
+  def _annotation(self, index: int) -> tuple[dict, int, int, str]:
+    """(annotation, image height, image width, where) of record `index`."""
+    ann = self.coco.anns[self.ann_ids[index]]
+    info = self.coco.imgs[ann["image_id"]]
+    return ann, int(info["height"]), int(info["width"]), self._where(ann)
+
+
+class CocoMaskSource(_CocoAnnotationSource):
   """Box-cropped binary instance masks for the mask tokenizer ("maskcoco").
 
   One record per usable non-crowd annotation: `mask` float32 (S, S) in {0, 1}
@@ -180,14 +199,8 @@ class CocoMaskSource(_CocoBase):
       raise DataError(f"{ann_file}: no usable instance annotations")
     self.ann_ids = ids
 
-  def __len__(self) -> int:
-    return len(self.ann_ids)
-
   def __getitem__(self, index: int) -> dict:
-    ann = self.coco.anns[self.ann_ids[index]]
-    info = self.coco.imgs[ann["image_id"]]
-    height, width = int(info["height"]), int(info["width"])
-    where = self._where(ann)
+    ann, height, width, where = self._annotation(index)
     self._usable(ann, height, width)
     mask = masks_lib.annotation_mask(ann.get("segmentation"), height, width,
                                      where)
@@ -201,7 +214,7 @@ class CocoMaskSource(_CocoBase):
     return f"CocoMaskSource({self.ann_file!r}, {len(self)} masks)"
 
 
-class CocoMaskEvalSource(_CocoBase):
+class CocoMaskEvalSource(_CocoAnnotationSource):
   """Every annotation's mask as the reference evaluates the instance-mask tokenizer.
 
   The reference rounds the box to integers (`x1, y1, x2, y2`, Python `round`), crops
@@ -224,21 +237,12 @@ class CocoMaskEvalSource(_CocoBase):
     if not self.ann_ids:
       raise DataError(f"{ann_file}: no instance annotations")
 
-  def __len__(self) -> int:
-    return len(self.ann_ids)
-
   def __getitem__(self, index: int) -> dict:
-    ann = self.coco.anns[self.ann_ids[index]]
-    info = self.coco.imgs[ann["image_id"]]
-    height, width = int(info["height"]), int(info["width"])
-    where = self._where(ann)
+    ann, height, width, where = self._annotation(index)
     if ann["category_id"] not in self.cat_to_label:
       raise DataError(f"{where}: category {ann['category_id']} is not in the "
                       "categories")
-    box = np.asarray(ann.get("bbox", []), np.float64)
-    if box.shape != (4,) or not np.isfinite(box).all():
-      raise DataError(f"{where}: bbox {ann.get('bbox')} is not 4 finite numbers")
-    x, y, w, h = (float(v) for v in box)
+    x, y, w, h = (float(v) for v in self._box(ann))
     x1, x2 = (min(max(round(v), 0), width) for v in (x, x + w))
     y1, y2 = (min(max(round(v), 0), height) for v in (y, y + h))
     s = self.mask_size
