@@ -12,6 +12,9 @@ from scipy import ndimage
 import input_pipeline as ip
 from input_pipeline import synthetic
 
+from ait_jax.train import config_base
+from ait_jax.train import data as train_data
+
 # pycocotools objects trigger a numpy 2 DeprecationWarning on every decode.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation:DeprecationWarning")
@@ -115,3 +118,14 @@ def test_polygon_tracing_round_trips_or_declines():
   ring[2:8, 2:8] = True
   ring[4:6, 4:6] = False
   assert synthetic.mask_to_polygons(ring) is None
+
+
+def test_synthetic_data_made_from_other_settings_is_refused(tmp_path):
+  data_cfg = config_base.ait_config().data
+  data_cfg.synthetic.update(num_train=2, num_test=1, height=24, width=32)
+  root = train_data.synthetic_root(data_cfg, str(tmp_path), "coco")
+  assert len(os.listdir(os.path.join(root, "train2017"))) == 2
+  assert train_data.synthetic_root(data_cfg, str(tmp_path), "coco") == root
+  data_cfg.synthetic.num_train = 3
+  with pytest.raises(ValueError, match="data/synthetic was generated with .*'num_train': 2"):
+    train_data.synthetic_root(data_cfg, str(tmp_path), "coco")

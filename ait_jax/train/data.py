@@ -8,6 +8,7 @@ never on the number of processes: a run keeps its data order when it moves to an
 host count, and the resume state (every shard's loader state) is global.
 """
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -36,23 +37,44 @@ def local_shards(data_cfg) -> list[int]:
   return list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
 
 
+def _synthetic_spec(synthetic_cfg, layout: str) -> dict:
+  """What a synthetic layout is generated from; its COMPLETE_<layout> marker holds it."""
+  return {"layout": layout, **{k: synthetic_cfg[k]
+                               for k in ("num_train", "num_test", "height", "width")}}
+
+
+def write_synthetic(base: str, synthetic_cfg, layout: str) -> None:
+  """Generates one synthetic layout ('nyu' or 'coco') into `base`, then its marker."""
+  spec = _synthetic_spec(synthetic_cfg, layout)
+  logging.info("generating the synthetic %s dataset into %s: %s", layout, base, spec)
+  write = synthetic.write_nyu if layout == "nyu" else synthetic.write_coco
+  write(base, spec["num_train"], spec["num_test"], spec["height"], spec["width"], seed=0)
+  with open(os.path.join(base, f"COMPLETE_{layout}"), "w") as f:
+    json.dump(spec, f)
+
+
 def synthetic_root(data_cfg, workdir: str, layout: str) -> str:
   """Generates one synthetic layout ('nyu' or 'coco') once (process 0); returns its
-  root directory."""
+  root directory. Data generated from other settings than the config's is an error."""
   base = data_cfg.synthetic_dir or os.path.join(workdir, "data", "synthetic")
   done = os.path.join(base, f"COMPLETE_{layout}")
   if jax.process_index() == 0 and not os.path.exists(done):
-    s = data_cfg.synthetic
-    logging.info("generating the synthetic %s dataset into %s (%d train, %d test, "
-                 "%dx%d)", layout, base, s.num_train, s.num_test, s.height, s.width)
-    write = synthetic.write_nyu if layout == "nyu" else synthetic.write_coco
-    write(base, s.num_train, s.num_test, s.height, s.width, seed=0)
-    with open(done, "w") as f:
-      f.write("ok\n")
+    write_synthetic(base, data_cfg.synthetic, layout)
   distributed.barrier(f"synthetic_{layout}")
   if not os.path.exists(done):
     raise FileNotFoundError(f"{done} is missing: the synthetic data must be on a file "
                             "system all processes share (config.data.synthetic_dir)")
+  with open(done) as f:
+    text = f.read()
+  wanted = _synthetic_spec(data_cfg.synthetic, layout)
+  try:
+    found = json.loads(text)
+  except json.JSONDecodeError:
+    found = text.strip()
+  if found != wanted:
+    raise ValueError(f"the synthetic {layout} data in {base} was generated with {found}, "
+                     f"but config.data.synthetic asks for {wanted}: point "
+                     "config.data.synthetic_dir elsewhere or delete that directory")
   return os.path.join(base, "nyu_depth_v2" if layout == "nyu" else "coco")
 
 

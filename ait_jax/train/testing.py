@@ -16,11 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from input_pipeline import synthetic
 
 from ait_jax.checkpoint import mapping
 from ait_jax.checkpoint.ait import ait_from_reference_config
 from ait_jax.checkpoint.vqvae import vqvae_entries
+from ait_jax.train import data as train_data
 from ait_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,10 +31,7 @@ def make_workspace(root: str) -> dict:
   """Synthetic data and a random tokenizer for configs/tiny_depth.py under `root`."""
   cfg = trainer.load_config_file(TINY_CONFIG)
   data = os.path.join(root, "data")
-  s = cfg.data.synthetic
-  synthetic.write_nyu(data, s.num_train, s.num_test, s.height, s.width, seed=0)
-  with open(os.path.join(data, "COMPLETE_nyu"), "w") as f:
-    f.write("ok\n")
+  train_data.write_synthetic(data, cfg.data.synthetic, "nyu")
   tok = ait_from_reference_config(cfg.model.to_dict()).tokenizers["depth"]
   variables = tok.init(jax.random.key(7), jnp.zeros((1, tok.mask_size, tok.mask_size)))
   variables = {k: variables[k] for k in ("params", "vq")}
