@@ -22,7 +22,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 def test_cli_writes_both_layouts_that_the_sources_read(tmp_path):
   synthetic.main(["--out", str(tmp_path), "--num-train", "3", "--num-test",
-                  "2", "--height", "40", "--width", "56", "--seed", "1"])
+                  "2", "--height", "40", "--width", "56", "--seed", "1",
+                  "--coco-scenes", "shapes"])
   root = tmp_path / "nyu_depth_v2"
   train, test = ip.NyuDepthSource(str(root)), ip.NyuDepthSource(str(root),
                                                                  "test")
@@ -49,10 +50,12 @@ def test_generation_is_deterministic_and_depth_png_is_millimetres(tmp_path):
   np.testing.assert_array_equal(depth_a, np.rint(scene.depth * 1000))
 
 
-def test_coco_annotations_are_exact(tmp_path):
-  coco = synthetic.write_coco(str(tmp_path), 6, 0, 48, 64, seed=0)
+@pytest.mark.parametrize("scenes", ["rooms", "shapes"])
+def test_coco_annotations_are_exact(tmp_path, scenes):
+  coco = synthetic.write_coco(str(tmp_path), 6, 0, 48, 64, seed=0, scenes=scenes)
   content = json.load(open(os.path.join(coco, "annotations",
                                         "instances_train2017.json")))
+  assert content["annotations"]
   kinds = set()
   for ann in content["annotations"]:
     seg = ann["segmentation"]
@@ -69,6 +72,40 @@ def test_coco_annotations_are_exact(tmp_path):
                            ys.max() + 1 - ys.min()]
   assert "polygon" in kinds
   assert {c["id"] for c in content["categories"]} == {1, 2, 4}
+
+
+def test_unknown_scenes_are_named():
+  with pytest.raises(ValueError, match="'cubes' are not one of.*rooms"):
+    synthetic.write_coco("/nonexistent", 1, 0, scenes="cubes")
+
+
+def test_shapes_are_their_category_in_its_hue():
+  """Unoccluded, a ball is a disc (pi/4 of its square box), a cube a square, a
+  pillar a bar three times as tall as wide; its colour is its category's hue."""
+  seen = set()
+  for seed in range(30):
+    scene = synthetic.render_shapes(np.random.default_rng(seed), 120, 160)
+    assert not scene.crowd and 1 <= len(scene.instances) <= 3
+    covered = np.zeros((120, 160), bool)
+    for _, mask in scene.instances:
+      assert not (covered & mask).any()
+      covered |= mask
+    for category, mask in scene.instances:
+      colour = np.median(scene.image[mask], axis=0)
+      assert np.argmax(colour) == {1: 0, 2: 1, 4: 2}[category]
+      ys, xs = np.nonzero(mask)
+      h, w = ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()
+      if (ndimage.binary_dilation(mask) & ~mask & covered).any():
+        continue  # it may be occluded
+      seen.add(category)
+      fill = mask.sum() / (h * w)
+      if category == 1:
+        assert abs(h - w) <= 1 and abs(fill - np.pi / 4) < 0.05
+      elif category == 2:
+        assert abs(h - w) <= 1 and fill == 1
+      else:
+        assert abs(h / w - 3) < 0.4 and fill == 1
+  assert seen == {1, 2, 4}
 
 
 def test_scene_masks_are_the_rendered_objects():
@@ -128,4 +165,8 @@ def test_synthetic_data_made_from_other_settings_is_refused(tmp_path):
   assert train_data.synthetic_root(data_cfg, str(tmp_path), "coco") == root
   data_cfg.synthetic.num_train = 3
   with pytest.raises(ValueError, match="data/synthetic was generated with .*'num_train': 2"):
+    train_data.synthetic_root(data_cfg, str(tmp_path), "coco")
+  data_cfg.synthetic.update(num_train=2, coco_scenes="shapes")
+  with pytest.raises(ValueError, match="generated with .*'scenes': 'rooms'.* asks for "
+                     ".*'scenes': 'shapes'"):
     train_data.synthetic_root(data_cfg, str(tmp_path), "coco")

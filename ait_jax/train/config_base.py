@@ -54,8 +54,10 @@ def _base(stage: str) -> ml_collections.ConfigDict:
       skip_bad_records=False,
       # Where the 'synthetic' sources are generated (empty: WORKDIR/data/synthetic).
       synthetic_dir="",
+      # coco_scenes: the COCO layout's scenes, 'rooms' (as the NYU layout's) or
+      # 'shapes' (flat shapes on a plain background; input_pipeline.synthetic.SCENES).
       synthetic=ml_collections.ConfigDict(dict(num_train=160, num_test=16, height=480,
-                                                width=640)),
+                                                width=640, coco_scenes="rooms")),
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3,
                                                 async_save=True))

@@ -39,16 +39,22 @@ def local_shards(data_cfg) -> list[int]:
 
 def _synthetic_spec(synthetic_cfg, layout: str) -> dict:
   """What a synthetic layout is generated from; its COMPLETE_<layout> marker holds it."""
-  return {"layout": layout, **{k: synthetic_cfg[k]
+  spec = {"layout": layout, **{k: synthetic_cfg[k]
                                for k in ("num_train", "num_test", "height", "width")}}
+  if layout == "coco":
+    spec["scenes"] = synthetic_cfg.coco_scenes
+  return spec
 
 
 def write_synthetic(base: str, synthetic_cfg, layout: str) -> None:
   """Generates one synthetic layout ('nyu' or 'coco') into `base`, then its marker."""
   spec = _synthetic_spec(synthetic_cfg, layout)
   logging.info("generating the synthetic %s dataset into %s: %s", layout, base, spec)
-  write = synthetic.write_nyu if layout == "nyu" else synthetic.write_coco
-  write(base, spec["num_train"], spec["num_test"], spec["height"], spec["width"], seed=0)
+  size = spec["num_train"], spec["num_test"], spec["height"], spec["width"]
+  if layout == "nyu":
+    synthetic.write_nyu(base, *size, seed=0)
+  else:
+    synthetic.write_coco(base, *size, seed=0, scenes=spec["scenes"])
   with open(os.path.join(base, f"COMPLETE_{layout}"), "w") as f:
     json.dump(spec, f)
 
