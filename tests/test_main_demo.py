@@ -56,8 +56,9 @@ def test_demo_insseg(tmp_path):
   """Both stages train and are evaluated; then the model predicts on image files.
 
   The tokenizer's reconstructions in the ground-truth boxes reach a high mask AP. AiT
-  learns its sequences (the loss falls) and is scored on every COCO summary number,
-  but at this size it does not find objects yet, so its AP is not asserted here.
+  learns its sequences (the loss falls) and is scored on every COCO summary number. Its
+  held-out AP is printed, not asserted: runs with the same training loss ended between
+  0.03 and 0.14 box AP50 (see configs/demo_insseg.py).
   """
   workdir = str(tmp_path / "demo")
   _main(workdir, "configs/demo_insseg.py")
