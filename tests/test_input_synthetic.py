@@ -74,9 +74,15 @@ def test_coco_annotations_are_exact(tmp_path, scenes):
   assert {c["id"] for c in content["categories"]} == {1, 2, 4}
 
 
-def test_unknown_scenes_are_named():
+def test_unknown_scenes_are_named(tmp_path):
   with pytest.raises(ValueError, match="'cubes' are not one of.*rooms"):
     synthetic.write_coco("/nonexistent", 1, 0, scenes="cubes")
+  data_cfg = config_base.ait_config().data
+  data_cfg.synthetic.coco_scenes = "cubes"
+  with pytest.raises(ValueError, match=r"config.data.synthetic.coco_scenes 'cubes' is "
+                     r"not one of \['rooms', 'shapes'\]"):
+    train_data.synthetic_root(data_cfg, str(tmp_path), "coco")
+  assert not os.listdir(tmp_path)
 
 
 def test_shapes_are_their_category_in_its_hue():

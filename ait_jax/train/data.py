@@ -43,6 +43,9 @@ def _synthetic_spec(synthetic_cfg, layout: str) -> dict:
                                for k in ("num_train", "num_test", "height", "width")}}
   if layout == "coco":
     spec["scenes"] = synthetic_cfg.coco_scenes
+    if spec["scenes"] not in synthetic.SCENES:
+      raise ValueError(f"config.data.synthetic.coco_scenes {spec['scenes']!r} is not one "
+                       f"of {sorted(synthetic.SCENES)}")
   return spec
 
 
