@@ -65,6 +65,8 @@ def write_synthetic(base: str, synthetic_cfg, layout: str) -> None:
 def synthetic_root(data_cfg, workdir: str, layout: str) -> str:
   """Generates one synthetic layout ('nyu' or 'coco') once (process 0); returns its
   root directory. Data generated from other settings than the config's is an error."""
+  # On every process, before the barrier: a bad config key must not strand the others.
+  wanted = _synthetic_spec(data_cfg.synthetic, layout)
   base = data_cfg.synthetic_dir or os.path.join(workdir, "data", "synthetic")
   done = os.path.join(base, f"COMPLETE_{layout}")
   if jax.process_index() == 0 and not os.path.exists(done):
@@ -75,7 +77,6 @@ def synthetic_root(data_cfg, workdir: str, layout: str) -> str:
                             "system all processes share (config.data.synthetic_dir)")
   with open(done) as f:
     text = f.read()
-  wanted = _synthetic_spec(data_cfg.synthetic, layout)
   try:
     found = json.loads(text)
   except json.JSONDecodeError:
