@@ -1,5 +1,6 @@
 """The synthetic generator: real formats, exact depth and masks, learnable images."""
 
+import collections
 import json
 import os
 
@@ -50,7 +51,7 @@ def test_generation_is_deterministic_and_depth_png_is_millimetres(tmp_path):
   np.testing.assert_array_equal(depth_a, np.rint(scene.depth * 1000))
 
 
-@pytest.mark.parametrize("scenes", ["rooms", "shapes"])
+@pytest.mark.parametrize("scenes", ["rooms", "shapes", "one_shape"])
 def test_coco_annotations_are_exact(tmp_path, scenes):
   coco = synthetic.write_coco(str(tmp_path), 6, 0, 48, 64, seed=0, scenes=scenes)
   content = json.load(open(os.path.join(coco, "annotations",
@@ -80,7 +81,7 @@ def test_unknown_scenes_are_named(tmp_path):
   data_cfg = config_base.ait_config().data
   data_cfg.synthetic.coco_scenes = "cubes"
   with pytest.raises(ValueError, match=r"config.data.synthetic.coco_scenes 'cubes' is "
-                     r"not one of \['rooms', 'shapes'\]"):
+                     r"not one of \['one_shape', 'rooms', 'shapes'\]"):
     train_data.synthetic_root(data_cfg, str(tmp_path), "coco")
   assert not os.listdir(tmp_path)
 
@@ -112,6 +113,16 @@ def test_shapes_are_their_category_in_its_hue():
       else:
         assert abs(h / w - 3) < 0.4 and fill == 1
   assert seen == {1, 2, 4}
+
+
+def test_shape_scenes_hold_one_to_three_objects_or_one(tmp_path):
+  counts = {len(synthetic.render_shapes(np.random.default_rng(seed), 60, 80).instances)
+            for seed in range(30)}
+  assert counts == {1, 2, 3}
+  coco = synthetic.write_coco(str(tmp_path), 12, 0, 60, 80, scenes="one_shape")
+  content = json.load(open(os.path.join(coco, "annotations", "instances_train2017.json")))
+  per_image = collections.Counter(a["image_id"] for a in content["annotations"])
+  assert sorted(per_image) == list(range(1, 13)) and set(per_image.values()) == {1}
 
 
 def test_scene_masks_are_the_rendered_objects():

@@ -54,8 +54,9 @@ def _base(stage: str) -> ml_collections.ConfigDict:
       skip_bad_records=False,
       # Where the 'synthetic' sources are generated (empty: WORKDIR/data/synthetic).
       synthetic_dir="",
-      # coco_scenes: the COCO layout's scenes, 'rooms' (as the NYU layout's) or
-      # 'shapes' (flat shapes on a plain background; input_pipeline.synthetic.SCENES).
+      # coco_scenes: the COCO layout's scenes, 'rooms' (as the NYU layout's), 'shapes'
+      # (1-3 flat shapes on a plain background) or 'one_shape' (one of them);
+      # input_pipeline.synthetic.SCENES.
       synthetic=ml_collections.ConfigDict(dict(num_train=160, num_test=16, height=480,
                                                 width=640, coco_scenes="rooms")),
   ))
