@@ -56,9 +56,9 @@ def test_demo_insseg(tmp_path):
   """Both stages train and are evaluated; then the model predicts on image files.
 
   The tokenizer's reconstructions in the ground-truth boxes reach a high mask AP. AiT
-  learns its sequences (the loss falls) and is scored on every COCO summary number. Its
-  held-out AP is printed, not asserted: runs with the same training loss ended between
-  0.03 and 0.14 box AP50 (see configs/demo_insseg.py).
+  learns its sequences (the loss falls), is scored on every COCO summary number and
+  finds the held-out shapes: runs of 3000-5000 steps reached a mask AP50 of 0.10 to
+  0.51 (configs/demo_insseg.py); with the model not finding them it is near 0.
   """
   workdir = str(tmp_path / "demo")
   _main(workdir, "configs/demo_insseg.py")
@@ -69,6 +69,7 @@ def test_demo_insseg(tmp_path):
   assert sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
   metrics = _last_eval(workdir)
   print({k: round(v, 3) for k, v in metrics.items() if k.endswith(("AP", "AP50"))})
+  assert metrics["insseg/bbox_AP50"] > 0.05 and metrics["insseg/segm_AP50"] > 0.05, metrics
   names = [f"insseg/{t}_{n}" for t in ("bbox", "segm") for n in coco.SUMMARY_NAMES]
   assert all(-1 <= metrics[k] <= 1 for k in names), metrics
 
